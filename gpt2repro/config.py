@@ -1,0 +1,359 @@
+"""Configuration: the model shape (GPTConfig), the training recipe (TrainConfig) and their presets.
+
+Everything downstream (data, model, train, checkpoint, export) is built from these two
+dataclasses. A run is described by a preset name, optionally a YAML file, and `--set key=value`
+overrides, applied in that order; the result is validated once, with all problems reported
+together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+EOT_TOKEN = 50256  # <|endoftext|>, the document separator of GPT-2's tokenizer
+GPT2_VOCAB_SIZE = 50257  # real GPT-2 vocabulary: 50,000 merges + 256 bytes + <|endoftext|>
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a GPT-2 model. Module and field names follow Hugging Face's GPT-2."""
+
+    block_size: int = 1024  # maximum context length (number of learned position embeddings)
+    vocab_size: int = 50304  # GPT-2's 50,257 padded up to a multiple of 128 for faster matmuls
+    n_layer: int = 12  # number of transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # width of the residual stream
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 * (matmul parameters) + 6 * n_layer * n_embd * seq_len.
+
+        The first term counts forward and backward through every weight matrix (the four per
+        block and the tied output head); the second is causal attention's QK^T and AV products
+        (half of the PaLM paper's 12*L*C*T, since the causal mask halves the work).
+        """
+        matmul_params = 12 * self.n_layer * self.n_embd**2 + self.vocab_size * self.n_embd
+        return 6 * matmul_params + 6 * self.n_layer * self.n_embd * seq_len
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> "GPTConfig":
+        """Read a `transformers.GPT2Config`, refusing any variant our module does not implement."""
+        problems = []
+        if getattr(hf_config, "model_type", None) != "gpt2":
+            problems.append(f"model_type is {getattr(hf_config, 'model_type', None)!r}, not 'gpt2'")
+        else:
+            if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+                problems.append(f"activation_function {hf_config.activation_function!r} is not tanh GELU")
+            if hf_config.n_inner not in (None, 4 * hf_config.n_embd):
+                problems.append(f"n_inner {hf_config.n_inner} is not 4 * n_embd")
+            if not hf_config.scale_attn_weights or hf_config.scale_attn_by_inverse_layer_idx:
+                problems.append("attention scaling differs from GPT-2's 1/sqrt(head_dim)")
+            if abs(hf_config.layer_norm_epsilon - 1e-5) > 1e-12:
+                problems.append(f"layer_norm_epsilon {hf_config.layer_norm_epsilon} is not 1e-5")
+            if getattr(hf_config, "add_cross_attention", False):
+                problems.append("it has cross-attention")
+            if not getattr(hf_config, "tie_word_embeddings", True):
+                problems.append("its output head is not tied to the token embedding")
+        if problems:
+            raise UserError("not a GPT-2 config: " + "; ".join(problems))
+        return cls(
+            block_size=hf_config.n_positions,
+            vocab_size=hf_config.vocab_size,
+            n_layer=hf_config.n_layer,
+            n_head=hf_config.n_head,
+            n_embd=hf_config.n_embd,
+        )
+
+    def to_hf_config(self):
+        """The equivalent `transformers.GPT2Config`, with the vocabulary cropped to GPT-2's 50,257."""
+        from transformers import GPT2Config
+
+        return GPT2Config(
+            vocab_size=min(self.vocab_size, GPT2_VOCAB_SIZE),
+            n_positions=self.block_size,
+            n_embd=self.n_embd,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=1e-5,
+            bos_token_id=EOT_TOKEN,
+            eos_token_id=EOT_TOKEN,
+            tie_word_embeddings=True,
+            architectures=["GPT2LMHeadModel"],
+        )
+
+
+MODEL_PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+@dataclass
+class TrainConfig:
+    """A training recipe. Batch sizes are counted in tokens where they are global."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)  # or a MODEL_PRESETS name in YAML / --set
+
+    # batch: total_batch_size = micro_batch_size * seq_len * world_size * grad_accum_steps
+    total_batch_size: int = 524288  # tokens per optimizer step over all processes (2**19, ~0.5M as in GPT-3 Small)
+    micro_batch_size: int = 64  # sequences per forward pass on each process
+    seq_len: int = 1024  # tokens per sequence; at most model.block_size
+
+    # optimisation: GPT-3 paper settings
+    max_lr: float = 6e-4  # peak learning rate, reached at the end of warmup
+    min_lr: float = 6e-5  # floor of the cosine decay, 10% of max_lr
+    warmup_steps: int = 715  # linear warmup (375M tokens / 2**19 tokens per step)
+    max_steps: int = 19073  # cosine decay ends here (10B tokens / 2**19 tokens per step: one epoch)
+    weight_decay: float = 0.1  # applied to 2-D tensors (matmul weights and embeddings) only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables clipping
+
+    # numerics and speed
+    mixed_precision: str = "auto"  # "bf16", "fp16", "no", or "auto": bf16 on a GPU that has it, else no
+    tf32: bool = True  # allow TF32 for fp32 matmuls on Ampere and newer GPUs
+    compile: bool = True  # torch.compile the model (training, evaluation and sampling alike)
+
+    # data
+    shuffle: bool = True  # new seeded order of shards and documents every epoch; False walks the data in order
+    seed: int = 1337  # seeds weights, data order and sampling
+
+    # evaluation and samples (0 disables each); always also done after the last step
+    val_every: int = 250  # optimizer steps between validation-loss passes
+    val_batches: int = 20  # validation micro-batches (micro_batch_size x seq_len each) per pass, over all processes
+    hellaswag_every: int = 250  # optimizer steps between HellaSwag evaluations
+    hellaswag: str | None = None  # "auto" (download once, cached), a local jsonl path, or None to skip
+    sample_every: int = 250  # optimizer steps between samples written to samples.txt
+    num_samples: int = 4  # samples per process each time
+    sample_max_new_tokens: int = 32  # tokens generated per sample
+    sample_prompt: str = "Hello, I'm a language model,"  # prompt every sample starts from
+
+    # checkpoints and control
+    checkpoint_every: int = 5000  # optimizer steps between checkpoints (one is also written at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept; older ones are deleted unless pinned
+    pin_checkpoints: list[int] = field(default_factory=list)  # steps whose checkpoints are never deleted
+    stop_after_steps: int = 0  # end this invocation after N optimizer steps with a checkpoint (0: run to max_steps)
+    on_nonfinite: str = "stop"  # non-finite loss or grad norm: "stop" (keep last checkpoint) or "skip" the step
+    log_every: int = 1  # optimizer steps between console/log.jsonl lines (each one syncs the GPU once)
+    log_with: str | None = None  # extra Accelerate tracker: "tensorboard", "wandb" or "all"
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step on each process, so one step sees total_batch_size tokens."""
+        tokens_per_micro_step = self.micro_batch_size * self.seq_len * world_size
+        if self.total_batch_size % tokens_per_micro_step:
+            raise UserError(
+                f"total_batch_size {self.total_batch_size} is not divisible by micro_batch_size * seq_len * "
+                f"world_size = {self.micro_batch_size} * {self.seq_len} * {world_size} = {tokens_per_micro_step}"
+            )
+        return self.total_batch_size // tokens_per_micro_step
+
+    def validate(self) -> "TrainConfig":
+        problems = []
+        m = self.model
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(m, name) <= 0:
+                problems.append(f"model.{name} must be positive")
+        if m.n_head > 0 and m.n_embd % m.n_head:
+            problems.append(f"model.n_embd {m.n_embd} is not divisible by model.n_head {m.n_head}")
+        if m.vocab_size < GPT2_VOCAB_SIZE:
+            problems.append(f"model.vocab_size {m.vocab_size} is smaller than GPT-2's {GPT2_VOCAB_SIZE} tokens")
+        for name in ("total_batch_size", "micro_batch_size", "seq_len", "max_steps"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.seq_len > m.block_size:
+            problems.append(f"seq_len {self.seq_len} exceeds model.block_size {m.block_size}")
+        if self.micro_batch_size > 0 and self.seq_len > 0 and self.total_batch_size % (self.micro_batch_size * self.seq_len):
+            problems.append(
+                f"total_batch_size {self.total_batch_size} is not a multiple of micro_batch_size * seq_len "
+                f"= {self.micro_batch_size * self.seq_len}"
+            )
+        if not 0 <= self.min_lr <= self.max_lr:
+            problems.append(f"need 0 <= min_lr <= max_lr, got min_lr {self.min_lr}, max_lr {self.max_lr}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            problems.append(f"warmup_steps {self.warmup_steps} must be between 0 and max_steps {self.max_steps}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            problems.append("beta1 and beta2 must be in [0, 1)")
+        for name in ("weight_decay", "eps", "grad_clip"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            problems.append(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            problems.append(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.log_with not in (None, "tensorboard", "wandb", "all"):
+            problems.append(f"log_with must be tensorboard, wandb, all or null, got {self.log_with!r}")
+        for name in ("val_every", "val_batches", "hellaswag_every", "sample_every", "num_samples",
+                     "sample_max_new_tokens", "checkpoint_every", "stop_after_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.keep_checkpoints < 1:
+            problems.append("keep_checkpoints must be at least 1")
+        if self.log_every < 1:
+            problems.append("log_every must be at least 1")
+        if problems:
+            raise UserError("invalid training config: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        return apply_overrides(cls(), values)
+
+
+def _tiny() -> TrainConfig:
+    # 4 layers of width 128 on 128-token windows: minutes on a laptop CPU, seconds on a GPU.
+    # The total batch is 4 micro-batches of 8 x 128 on one process, so 2 and 4 processes divide it.
+    return TrainConfig(
+        model=GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128),
+        total_batch_size=4 * 8 * 128,
+        micro_batch_size=8,
+        seq_len=128,
+        max_lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=20,
+        max_steps=200,
+        compile=False,
+        val_every=50,
+        val_batches=8,
+        hellaswag_every=0,
+        sample_every=100,
+        num_samples=2,
+        checkpoint_every=100,
+    )
+
+
+TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
+    # Karpathy's GPT-2 (124M) reproduction: GPT-3 Small's optimisation on GPT-2's model, 10B tokens.
+    "gpt2-124M": lambda: TrainConfig(mixed_precision="bf16", hellaswag="auto"),
+    # The same with GPT-3's 2048-token context (same tokens per step).
+    "gpt3-124M": lambda: TrainConfig(
+        model=GPTConfig(block_size=2048), seq_len=2048, micro_batch_size=32, mixed_precision="bf16", hellaswag="auto"
+    ),
+    # 300 steps of the 124M recipe on the Gutenberg books, in file order, validated on 20 windows of 64 x 1024.
+    "gutenberg-short": lambda: TrainConfig(
+        mixed_precision="bf16", warmup_steps=30, max_steps=300, shuffle=False,
+        val_every=50, val_batches=20, hellaswag_every=0, sample_every=0, checkpoint_every=0,
+    ),
+    "tiny": _tiny,
+}
+
+
+def _coerce(value, annotation, key: str):
+    """Check a YAML / --set value against a field's annotation (string annotations, as written above)."""
+    kind = annotation.replace(" ", "")
+    optional = kind.endswith("|None")
+    kind = kind.removesuffix("|None")
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{key} cannot be null")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind == "str":
+        return str(value)
+    elif kind == "list[int]":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+    raise UserError(f"{key} must be {kind}{' or null' if optional else ''}, got {value!r}")
+
+
+def _set(obj, key: str, value, prefix: str = "") -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    head, _, rest = key.partition(".")
+    full = prefix + head
+    if head not in fields:
+        raise UserError(f"unknown config key {full!r}; known: {', '.join(sorted(fields))}")
+    current = getattr(obj, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _set(current, rest, value, full + ".")
+        elif isinstance(value, str):
+            if value not in MODEL_PRESETS:
+                raise UserError(f"unknown model preset {value!r}; known: {', '.join(MODEL_PRESETS)}")
+            setattr(obj, head, dataclasses.replace(MODEL_PRESETS[value]))
+        elif isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                _set(current, str(sub_key), sub_value, full + ".")
+        else:
+            raise UserError(f"{full} must be a mapping or a model preset name, got {value!r}")
+    elif rest:
+        raise UserError(f"{full} has no sub-keys (got {key!r})")
+    else:
+        setattr(obj, head, _coerce(value, fields[head].type, full))
+
+
+def apply_overrides(cfg, values: dict):
+    """Apply a (possibly nested) mapping of overrides to a dataclass config, in place."""
+    for key, value in values.items():
+        _set(cfg, str(key), value)
+    return cfg
+
+
+def parse_set(items: list[str]) -> dict:
+    """`["max_lr=1e-3", "model.n_layer=2"]` -> `{"max_lr": 1e-3, "model.n_layer": 2}` (values read as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_train_config(preset: str, config_file: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Preset, then YAML file, then --set overrides; validated once at the end."""
+    if preset not in TRAIN_PRESETS:
+        raise UserError(f"unknown preset {preset!r}; known: {', '.join(TRAIN_PRESETS)}")
+    cfg = TRAIN_PRESETS[preset]()
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"config file {path} must hold a mapping of config keys")
+        apply_overrides(cfg, values)
+    apply_overrides(cfg, parse_set(list(overrides)))
+    return cfg.validate()

@@ -1,0 +1,292 @@
+"""Hugging Face interop: GPT <-> GPT2LMHeadModel, export directories, tokenizer files, model cards.
+
+Our module names equal Hugging Face's; the differences are that HF's Conv1D stores weights as
+(in, out) where nn.Linear stores (out, in), that HF's vocabulary is GPT-2's 50,257 where ours may
+be padded to 50,304, and that HF keeps no separate lm_head.weight in its files (it is tied).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+
+from .config import EOT_TOKEN, GPTConfig
+from .errors import UserError
+from .model import GPT
+from .tokenizer import mergeable_ranks
+
+# weights stored transposed by HF's Conv1D
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "README.md",
+)
+
+
+def _is_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not source.startswith((".", "~")) and " " not in source
+
+
+def load_hf_model(source) -> GPT2LMHeadModel:
+    """A GPT2LMHeadModel from an instance, a local directory or a Hub id, with one-line errors."""
+    if isinstance(source, GPT2LMHeadModel):
+        return source
+    if hasattr(source, "config") and hasattr(source, "state_dict"):
+        GPTConfig.from_hf_config(source.config)  # raises the one-line "not a GPT-2 config" error
+        return source
+    from transformers import AutoConfig
+
+    source = str(source)
+    local = Path(source).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"{local} is not a Hugging Face model directory (no config.json)")
+    elif not _is_hub_id(source):
+        raise UserError(f"{source} is neither a local directory nor a Hugging Face Hub model id")
+    try:
+        GPTConfig.from_hf_config(AutoConfig.from_pretrained(source))
+        return GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:
+        if local.exists():
+            raise UserError(f"cannot load {local} as a GPT-2 model: {str(e).splitlines()[0]}") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        reason = "HF_HUB_OFFLINE is set" if offline else "no network or no such repository"
+        raise UserError(
+            f"cannot download {source!r} from the Hugging Face Hub ({reason}); pass a local model directory instead"
+        ) from None
+
+
+def gpt_from_hf(source) -> GPT:
+    hf_model = load_hf_model(source)
+    config = GPTConfig.from_hf_config(hf_model.config)
+    model = GPT(config)
+    state = {}
+    for name, tensor in hf_model.state_dict().items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of older transformers versions
+        tensor = tensor.detach().to(torch.float32)
+        state[name] = tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor
+    model.load_weights(state, source=f"Hugging Face model {getattr(source, 'name_or_path', source)}")
+    return model
+
+
+def gpt_to_hf(model: GPT) -> GPT2LMHeadModel:
+    hf_config = model.config.to_hf_config()
+    hf_model = GPT2LMHeadModel(hf_config)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to(torch.float32)
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        elif name in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[: hf_config.vocab_size]
+        state[name] = tensor.contiguous()
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    if missing or unexpected:  # the two modules are one architecture; anything else is a bug here
+        raise RuntimeError(f"GPT -> GPT2LMHeadModel mismatch: missing {missing}, unexpected {unexpected}")
+    hf_model.tie_weights()
+    return hf_model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer files, generated from the vendored BPE ranks
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used in vocab.json and merges.txt."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _merge_parts(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The pair whose merge creates `token`: byte-pair encode it with the merges ranked before it."""
+    limit = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best = None
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < limit and (best is None or rank < best[0]):
+                best = (rank, i)
+        if best is None:
+            break
+        i = best[1]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise RuntimeError(f"cannot recover the merge that forms token {token!r}")
+    return parts[0], parts[1]
+
+
+@functools.cache
+def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    ranks = mergeable_ranks()
+    to_char = _byte_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(to_char[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab["<|endoftext|>"] = EOT_TOKEN
+    merges = [
+        tuple(text(part) for part in _merge_parts(token, ranks))
+        for token, _ in sorted(ranks.items(), key=lambda item: item[1])
+        if len(token) > 1
+    ]
+    return vocab, merges
+
+
+def build_hf_tokenizer() -> GPT2TokenizerFast:
+    """GPT-2's tokenizer as a `transformers` fast tokenizer, built with no download."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab, merges = vocab_and_merges()
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split regex
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    return GPT2TokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=1024,
+        add_prefix_space=False,
+    )
+
+
+def write_tokenizer_files(out_dir: Path, model_max_length: int = 1024) -> None:
+    tokenizer = build_hf_tokenizer()
+    tokenizer.model_max_length = model_max_length
+    tokenizer.save_pretrained(out_dir)
+    vocab, merges = vocab_and_merges()
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# model card
+
+
+def model_card(
+    model: GPT,
+    train_config: dict | None = None,
+    metrics: dict | None = None,
+    model_name: str = "gpt2repro-gpt2",
+    datasets: list[str] | None = None,
+) -> str:
+    """README.md with Hub metadata; eval results in `metrics` become `model-index` entries.
+
+    Recognised metric keys: val_loss, hellaswag_acc, hellaswag_acc_norm (others are listed in the text).
+    """
+    metrics = dict(metrics or {})
+    meta: dict = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": "mit",
+        "language": ["en"],
+        "tags": ["gpt2", "gpt2repro", "text-generation"],
+    }
+    if datasets:
+        meta["datasets"] = list(datasets)
+    results = []
+    hellaswag = [
+        {"type": "acc", "name": "accuracy", "value": float(metrics[k])} if k == "hellaswag_acc"
+        else {"type": "acc_norm", "name": "normalized accuracy", "value": float(metrics[k])}
+        for k in ("hellaswag_acc", "hellaswag_acc_norm") if k in metrics
+    ]
+    if hellaswag:
+        results.append({
+            "task": {"type": "text-generation", "name": "Text Generation"},
+            "dataset": {"type": "Rowan/hellaswag", "name": "HellaSwag", "split": "validation"},
+            "metrics": hellaswag,
+        })
+    if "val_loss" in metrics:
+        results.append({
+            "task": {"type": "text-generation", "name": "Text Generation"},
+            "dataset": {"type": "validation-split", "name": metrics.get("val_dataset", "held-out validation split")},
+            "metrics": [{"type": "loss", "name": "validation loss", "value": float(metrics["val_loss"])}],
+        })
+    if results:
+        meta["model-index"] = [{"name": model_name, "results": results}]
+
+    c = model.config
+    lines = [
+        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+        f"# {model_name}", "",
+        f"A GPT-2 model ({model.num_params():,} parameters: {c.n_layer} layers, {c.n_head} heads, "
+        f"width {c.n_embd}, context {c.block_size}) trained from scratch with gpt2repro. "
+        "It is a plain `GPT2LMHeadModel` with GPT-2's tokenizer:", "",
+        "```python", "from transformers import pipeline", "",
+        f'generator = pipeline("text-generation", model="PATH_OR_REPO_ID")',
+        'print(generator("Hello, I\'m a language model,", max_new_tokens=32, do_sample=True, top_k=50))',
+        "```", "",
+    ]
+    if metrics:
+        lines += ["## Evaluation", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+        lines.append("")
+    if train_config:
+        lines += ["## Training configuration", "", "```yaml", yaml.safe_dump(train_config, sort_keys=False).strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def save_hf(
+    model: GPT,
+    out_dir: str | Path,
+    train_config: dict | None = None,
+    metrics: dict | None = None,
+    model_name: str | None = None,
+) -> Path:
+    """Write a directory `transformers` loads as is: weights, config, generation config, tokenizer, card.
+
+    Written into a temporary sibling and renamed, so a failure never leaves a half-written export.
+    """
+    from transformers import GenerationConfig
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    hf_model = gpt_to_hf(model)
+    hf_model.generation_config = GenerationConfig(
+        bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, pad_token_id=EOT_TOKEN,
+        do_sample=True, top_k=50,
+    )
+    hf_model.save_pretrained(tmp, safe_serialization=True)
+    write_tokenizer_files(tmp, model_max_length=model.config.block_size)
+    card = model_card(model, train_config, metrics, model_name=model_name or out_dir.name)
+    (tmp / "README.md").write_text(card)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_model(source) -> GPT:
+    """Any model the command line accepts: our checkpoint dir, an HF export dir, or a Hub id."""
+    from .checkpoint import is_checkpoint_dir, load_model_dir
+
+    if is_checkpoint_dir(source):
+        return load_model_dir(source)
+    return gpt_from_hf(source)

@@ -1,0 +1,269 @@
+"""GPT-2 as one readable nn.Module.
+
+Module names are exactly Hugging Face's (`transformer.h.0.attn.c_attn`, `transformer.ln_f`,
+`lm_head`), so converting to and from `GPT2LMHeadModel` is a list of transposes (hf.py).
+Shapes in comments: B batch, T time, C n_embd, nh heads, hs head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from .config import GPT2_VOCAB_SIZE, GPTConfig
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, so generation encodes each token once."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, nh, T, hs) keys/values; return all keys/values so far."""
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.layer = layer
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is None or kv_cache.length == 0:
+            if kv_cache is not None:
+                kv_cache.update(self.layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, S, hs), S = cached + T
+            # new token i sits at position S - T + i and sees every position up to it
+            S = k.size(2)
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.act = nn.GELU(approximate="tanh")  # GPT-2's gelu_new
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=1e-5),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                # two residual additions per block: keep the residual stream's variance from growing with depth
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Unique parameters (the tied embedding counted once), position embeddings included."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        return_logits: bool | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, V), loss).
+
+        With targets (B, T) the mean cross-entropy is returned and, unless `return_logits=True`,
+        no logits: the training step then never hands a (B, T, V) tensor back to its caller
+        (Accelerate would upcast it to fp32). Targets of -1 are ignored.
+        """
+        B, T = idx.size()
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.length += T
+        logits = self.lm_head(x)  # (B, T, V) in the autocast dtype
+        if targets is None:
+            return logits, None
+        # the fp32 upcast fuses into the loss kernel under torch.compile
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return (logits if return_logits else None), loss
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Strict load that names the first mismatch in one line. The tied lm_head.weight may be absent."""
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        given = dict(state_dict)
+        if "lm_head.weight" not in given and "transformer.wte.weight" in given:
+            given["lm_head.weight"] = given["transformer.wte.weight"]
+        missing = sorted(expected.keys() - given.keys())
+        unexpected = sorted(given.keys() - expected.keys())
+        wrong = [k for k in expected.keys() & given.keys() if tuple(given[k].shape) != tuple(expected[k])]
+        if missing or unexpected or wrong:
+            c = self.config
+            shape = f"n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, vocab_size={c.vocab_size}, block_size={c.block_size}"
+            if wrong:
+                k = sorted(wrong)[0]
+                detail = f"{k} has shape {tuple(given[k].shape)}, expected {tuple(expected[k])}"
+            elif missing:
+                detail = f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            else:
+                detail = f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+            raise UserError(f"{source} does not fit a GPT with {shape}: {detail}")
+        with torch.no_grad():
+            for name, tensor in self.state_dict().items():
+                tensor.copy_(given[name])
+
+    def decay_groups(self) -> tuple[list[str], list[str]]:
+        """Names of the parameters that get weight decay (2-D: matmul weights, embeddings) and that don't."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():  # the tied lm_head.weight appears once, as transformer.wte.weight
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(name)
+        return decay, no_decay
+
+    def configure_optimizers(
+        self,
+        weight_decay: float,
+        learning_rate: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+    ) -> torch.optim.AdamW:
+        """AdamW with decay only on 2-D tensors; the fused CUDA kernel when the model is on a GPU."""
+        params = dict(self.named_parameters())
+        decay, no_decay = self.decay_groups()
+        groups = [
+            {"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
+        ]
+        logger.info(
+            "optimizer: %d decayed tensors (%s parameters), %d non-decayed tensors (%s parameters)",
+            len(decay), f"{sum(params[n].numel() for n in decay):,}",
+            len(no_decay), f"{sum(params[n].numel() for n in no_decay):,}",
+        )
+        fused = all(p.is_cuda for p in params.values())
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        top_k: int | None = 50,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        on_token=None,
+    ) -> torch.Tensor:
+        """Sample max_new_tokens after idx (B, T); returns (B, T + max_new_tokens).
+
+        Keys and values are cached, so each new token costs one position. Past block_size the
+        context slides and is re-encoded. `on_token(next_ids)` is called with each (B,) step, for
+        streaming. Padded vocabulary entries beyond GPT-2's 50,257 tokens are never sampled.
+        """
+        was_training = self.training
+        self.eval()
+        block_size = self.config.block_size
+        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
+        cache = KVCache(self.config, idx.size(0), idx.device, dtype or self.lm_head.weight.dtype)
+        out = idx
+        step_input = idx[:, -block_size:]
+        for _ in range(max_new_tokens):
+            if cache.length + step_input.size(1) > block_size:
+                cache.length = 0  # context slides: positions shift, so re-encode the last block_size tokens
+                step_input = out[:, -block_size:]
+            logits, _ = self(step_input, kv_cache=cache)
+            logits = logits[:, -1, :].float() / max(temperature, 1e-8)  # (B, V)
+            if self.config.vocab_size > GPT2_VOCAB_SIZE:
+                logits[:, GPT2_VOCAB_SIZE:] = -math.inf
+            if top_k is not None and top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            probs = F.softmax(logits, dim=-1)
+            next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            out = torch.cat((out, next_ids), dim=1)
+            step_input = next_ids
+            if on_token is not None:
+                on_token(next_ids[:, 0])
+        self.train(was_training)
+        return out
+
+    @classmethod
+    def from_hf(cls, source) -> "GPT":
+        """From a `GPT2LMHeadModel`, a local Hugging Face directory, or a Hub id such as "gpt2"."""
+        from .hf import gpt_from_hf  # transformers is imported only where it is needed
+
+        return gpt_from_hf(source)
+
+    def to_hf(self):
+        """The equivalent `transformers.GPT2LMHeadModel` (vocabulary cropped to 50,257)."""
+        from .hf import gpt_to_hf
+
+        return gpt_to_hf(self)
