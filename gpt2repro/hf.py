@@ -52,18 +52,22 @@ def load_hf_model(source) -> GPT2LMHeadModel:
     elif not _is_hub_id(source):
         raise UserError(f"{source} is neither a local directory nor a Hugging Face Hub model id")
     try:
-        GPTConfig.from_hf_config(AutoConfig.from_pretrained(source))
+        hf_config = AutoConfig.from_pretrained(source)
+    except Exception as e:  # OSError, ValueError, or a config validation error, depending on the cause
+        raise _load_error(source, local, e) from None
+    GPTConfig.from_hf_config(hf_config)  # raises the one-line "not a GPT-2 config" error
+    try:
         return GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
-    except UserError:
-        raise
     except (OSError, ValueError) as e:
-        if local.exists():
-            raise UserError(f"cannot load {local} as a GPT-2 model: {str(e).splitlines()[0]}") from None
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        reason = "HF_HUB_OFFLINE is set" if offline else "no network or no such repository"
-        raise UserError(
-            f"cannot download {source!r} from the Hugging Face Hub ({reason}); pass a local model directory instead"
-        ) from None
+        raise _load_error(source, local, e) from None
+
+
+def _load_error(source: str, local: Path, error: Exception) -> UserError:
+    if local.exists():
+        return UserError(f"cannot load {local} as a GPT-2 model: {str(error).strip().splitlines()[0]}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    reason = "HF_HUB_OFFLINE is set" if offline else "no network or no such repository"
+    return UserError(f"cannot download {source!r} from the Hugging Face Hub ({reason}); pass a local model directory instead")
 
 
 def gpt_from_hf(source) -> GPT:
