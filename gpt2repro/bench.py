@@ -1,0 +1,174 @@
+"""Training-step throughput: our step (the one `train` runs) and Hugging Face's GPT2LMHeadModel, side by side.
+
+Both run in one process on the same GPU and the same random tokens: forward, backward, gradient
+clipping and a fused AdamW step, bf16 autocast, TF32, torch.compile. MFU counts
+6 * (matmul parameters) + 6 * n_layer * n_embd * seq_len FLOPs per token (GPTConfig.flops_per_token)
+against the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import time
+
+import torch
+
+from .config import MODEL_PRESETS, TRAIN_PRESETS, TrainConfig
+from .errors import UserError
+from .train import Trainer, peak_flops
+
+
+def _time_steps(step, warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Per-step wall times in ms after `warmup` untimed steps (compilation happens there)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _reset(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch._dynamo.reset()
+
+
+def bench_ours(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int) -> dict:
+    trainer = Trainer(cfg, data_dir=None, run_dir=None)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def step():
+        trainer.accumulate_gradients([(x, y)])
+        trainer.apply_update()
+        trainer.step += 1
+
+    times = _time_steps(step, warmup, steps, trainer.device)
+    result = {"ms": times, "peak_gib": _peak_gib(trainer.device), "device": trainer.device}
+    del trainer
+    return result
+
+
+def bench_hf(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int, device: torch.device) -> dict:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = cfg.model
+    hf_config = GPT2Config(
+        n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    hf_config._attn_implementation = "sdpa"
+    torch.manual_seed(cfg.seed)
+    model = GPT2LMHeadModel(hf_config).to(device).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda",
+    )
+    compiled = torch.compile(model) if cfg.compile else model
+    x = tokens[:, :-1].contiguous().to(device)
+    dtype = torch.bfloat16 if cfg.mixed_precision in ("bf16", "auto") and device.type == "cuda" else None
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = compiled(input_ids=x, labels=x).loss  # HF shifts the labels itself
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = _time_steps(step, warmup, steps, device)
+    result = {"ms": times, "peak_gib": _peak_gib(device)}
+    del model, optimizer, compiled
+    return result
+
+
+def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5, compare_hf: bool = False,
+              preset: str = "gpt2-124M", model: str | None = None) -> dict:
+    cfg: TrainConfig = TRAIN_PRESETS[preset]()
+    if model is not None:
+        if model not in MODEL_PRESETS:
+            raise UserError(f"unknown model {model!r}; known: {', '.join(MODEL_PRESETS)}")
+        cfg.model = dataclasses.replace(MODEL_PRESETS[model])
+    cfg.micro_batch_size, cfg.seq_len, cfg.total_batch_size = batch, seq, batch * seq
+    cfg.model.block_size = max(cfg.model.block_size, seq)
+    cfg.hellaswag = None
+    if not torch.cuda.is_available():
+        cfg.compile, cfg.mixed_precision = False, "no"
+    cfg.validate()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50257, (batch, seq + 1), generator=generator)
+
+    ours = bench_ours(cfg, tokens, warmup, steps)
+    device = ours.pop("device")
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "batch": batch,
+        "seq": seq,
+        "steps": steps,
+        "compile": cfg.compile,
+        "mixed_precision": cfg.mixed_precision,
+        "mfu_formula": "tokens/s * (6*N_matmul + 6*n_layer*n_embd*seq) / peak bf16 FLOP/s",
+    }
+    peak = peak_flops(device)
+    flops_per_token = cfg.model.flops_per_token(seq)
+
+    def summarize(name: str, measured: dict) -> None:
+        ms = sorted(measured["ms"])[len(measured["ms"]) // 2]
+        tokens_per_sec = batch * seq / (ms / 1000)
+        result[f"{name}_ms_per_step"] = round(ms, 2)
+        result[f"{name}_tokens_per_sec"] = round(tokens_per_sec)
+        result[f"{name}_mfu"] = round(tokens_per_sec * flops_per_token / peak, 4) if peak else None
+        result[f"{name}_peak_gib"] = round(measured["peak_gib"], 2) if measured["peak_gib"] is not None else None
+
+    summarize("ours", ours)
+    if compare_hf:
+        _reset(device)
+        summarize("hf", bench_hf(cfg, tokens, warmup, steps, device))
+        result["ratio_vs_hf"] = round(result["ours_tokens_per_sec"] / result["hf_tokens_per_sec"], 3)
+        if result["ours_peak_gib"] and result["hf_peak_gib"]:
+            result["memory_ratio_vs_hf"] = round(result["ours_peak_gib"] / result["hf_peak_gib"], 3)
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"device {result['device']} | torch {result['torch']} (CUDA {result['cuda']}) | "
+          f"B={result['batch']} T={result['seq']} | {result['mixed_precision']} | compile {result['compile']}")
+    print(f"{'':6} {'tokens/s':>12} {'ms/step':>9} {'MFU':>7} {'peak GiB':>9}")
+    for name in ("ours", "hf"):
+        if f"{name}_tokens_per_sec" in result:
+            mfu = result[f"{name}_mfu"]
+            peak = result[f"{name}_peak_gib"]
+            print(f"{name:6} {result[f'{name}_tokens_per_sec']:>12,} {result[f'{name}_ms_per_step']:>9.1f} "
+                  f"{(f'{100 * mfu:.1f}%' if mfu else '-'):>7} {(f'{peak:.1f}' if peak else '-'):>9}")
+    if "ratio_vs_hf" in result:
+        print(f"ours / hf: {result['ratio_vs_hf']:.3f}x tokens/s" +
+              (f", {result['memory_ratio_vs_hf']:.3f}x peak memory" if "memory_ratio_vs_hf" in result else ""))
+    print(f"MFU: {result['mfu_formula']}")
+
+
+def main(args) -> None:
+    if args.steps < 1 or args.batch < 1 or args.seq < 1:
+        raise UserError("--steps, --batch and --seq must be positive")
+    result = run_bench(args.batch, args.seq, args.steps, args.warmup, args.compare == "hf", model=args.model)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)

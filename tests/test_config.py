@@ -1,0 +1,75 @@
+import math
+
+import pytest
+
+from gpt2repro.config import TRAIN_PRESETS, GPTConfig, TrainConfig, load_train_config
+from gpt2repro.errors import UserError
+from gpt2repro.train import get_lr
+
+
+def test_gpt2_124m_preset_is_the_reference_recipe():
+    cfg = load_train_config("gpt2-124M")
+    assert cfg.total_batch_size == 2**19 and cfg.micro_batch_size == 64 and cfg.seq_len == 1024
+    assert (cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == (6e-4, 6e-5, 715, 19073)
+    assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 1e-8, 0.1, 1.0)
+    assert cfg.model == GPTConfig() and cfg.model.vocab_size == 50304
+    assert cfg.mixed_precision == "bf16" and cfg.tf32 and cfg.compile
+    assert (cfg.val_every, cfg.hellaswag_every, cfg.sample_every, cfg.checkpoint_every) == (250, 250, 250, 5000)
+    assert cfg.grad_accum_steps(1) == 8 and cfg.grad_accum_steps(8) == 1
+    gpt3 = load_train_config("gpt3-124M")
+    assert (gpt3.seq_len, gpt3.micro_batch_size, gpt3.model.block_size) == (2048, 32, 2048)
+    assert gpt3.total_batch_size == cfg.total_batch_size
+
+
+def test_tiny_preset_batch_divides_over_one_two_and_four_processes():
+    cfg = load_train_config("tiny")
+    assert [cfg.grad_accum_steps(w) for w in (1, 2, 4)] == [4, 2, 1]
+
+
+def test_get_lr_follows_warmup_then_cosine_then_floor():
+    cfg = TrainConfig(max_lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=110)
+    assert get_lr(0, cfg) == pytest.approx(6e-4 / 10)
+    assert get_lr(9, cfg) == pytest.approx(6e-4)  # warmup ends at max_lr
+    assert get_lr(10, cfg) == pytest.approx(6e-4)  # cosine starts at max_lr
+    assert get_lr(60, cfg) == pytest.approx(6e-5 + 0.5 * (6e-4 - 6e-5))  # half way: cos(pi/2) = 0
+    assert get_lr(35, cfg) == pytest.approx(6e-5 + 0.5 * (1 + math.cos(math.pi * 0.25)) * (6e-4 - 6e-5))
+    assert get_lr(110, cfg) == pytest.approx(6e-5)
+    assert get_lr(10_000, cfg) == pytest.approx(6e-5)
+
+
+def test_overrides_apply_in_order_with_types_checked(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("max_lr: 1e-3\nmodel:\n  n_layer: 2\nshuffle: false\n")
+    cfg = load_train_config("tiny", yaml_file, ["max_lr=2e-3", "model.n_embd=64", "hellaswag=null"])
+    assert cfg.max_lr == 2e-3 and cfg.model.n_layer == 2 and cfg.model.n_embd == 64 and not cfg.shuffle
+    assert cfg.hellaswag is None
+    assert load_train_config("tiny", None, ["model=gpt2-medium", "seq_len=64"]).model.n_layer == 24
+    with pytest.raises(UserError, match="max_steps must be int, got 'many'"):
+        load_train_config("tiny", None, ["max_steps=many"])
+    with pytest.raises(UserError, match="unknown config key 'max_lrr'"):
+        load_train_config("tiny", None, ["max_lrr=1"])
+
+
+def test_invalid_config_reports_every_problem_at_once():
+    with pytest.raises(UserError) as err:
+        load_train_config("tiny", None, ["seq_len=4096", "min_lr=1", "on_nonfinite=ignore", "model.n_head=3"])
+    message = str(err.value)
+    assert "\n" not in message
+    for problem in ("seq_len 4096 exceeds", "min_lr", "on_nonfinite", "not divisible by model.n_head 3"):
+        assert problem in message
+
+
+def test_batch_that_does_not_divide_over_processes_is_refused():
+    cfg = load_train_config("tiny")
+    with pytest.raises(UserError, match=r"not divisible by micro_batch_size \* seq_len \* world_size = 8 \* 128 \* 3"):
+        cfg.grad_accum_steps(3)
+
+
+def test_unknown_preset_names_the_known_ones():
+    with pytest.raises(UserError, match="unknown preset 'gpt5'; known: " + ", ".join(TRAIN_PRESETS)):
+        load_train_config("gpt5")
+
+
+def test_config_survives_a_dict_round_trip():
+    cfg = load_train_config("gpt3-124M", None, ["pin_checkpoints=[5, 10]"])
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
