@@ -19,6 +19,53 @@ def _cmd_export(args) -> None:
     print(f"exported {args.checkpoint} -> {out}")
 
 
+def _cmd_eval(args) -> None:
+    import json
+
+    from .evaluation import evaluate_model, format_results
+
+    results = evaluate_model(
+        args.model, hellaswag=args.hellaswag, split=args.split, data_dir=args.data, val_batches=args.val_batches,
+        val_batch_size=args.val_batch_size, batch_size=args.batch_size, device=args.device,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    print(json.dumps(results) if args.json else format_results(results))
+
+
+def _cmd_sample(args) -> None:
+    from .evaluation import inference_device
+    from .hf import load_model
+    from .sampling import stream_samples
+
+    model = load_model(args.model)
+    device, autocast_dtype = inference_device(args.device)
+    stream_samples(
+        model.to(device), args.prompt, num=args.num, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+        seed=args.seed, device=device, autocast_dtype=autocast_dtype,
+    )
+
+
+def _cmd_plot(args) -> None:
+    from .plot import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out, log_steps=args.log_steps)}")
+
+
+def _cmd_push(args) -> None:
+    from .hf import push_to_hub
+
+    plan = push_to_hub(args.dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    visibility = "private" if plan["private"] else "public"
+    verb = "would upload" if args.dry_run else "uploaded"
+    print(f"{verb} {len(plan['files'])} files to {visibility} model repo {plan['repo_id']} (revision {plan['revision']}):")
+    for name, size in plan["files"]:
+        print(f"  {name:<28} {size:>14,} bytes")
+    if args.dry_run:
+        print("\nmodel card (README.md):\n" + plan["card"])
+    else:
+        print(plan["url"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2repro", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -27,6 +74,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory (RUN/checkpoints/step_NNNNNN) or run directory")
     p.add_argument("--out", required=True, help="directory to write (config, safetensors, tokenizer, card)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("eval", help="HellaSwag accuracy and/or validation loss of a model")
+    p.add_argument("--model", required=True, help="checkpoint dir, run dir, exported HF dir, or Hub id such as gpt2")
+    p.add_argument("--hellaswag", metavar="auto|PATH",
+                   help="auto: the official split, downloaded once into $GPT2REPRO_CACHE/hellaswag "
+                        "(default ~/.cache/gpt2repro/hellaswag); or a local HellaSwag jsonl")
+    p.add_argument("--split", default="validation", choices=["train", "validation", "test"],
+                   help="HellaSwag split for --hellaswag auto (default validation)")
+    p.add_argument("--data", help="prepared data directory: report validation loss and perplexity on its val split")
+    p.add_argument("--val-batches", type=int, default=20, help="validation batches of --val-batch-size windows (default 20)")
+    p.add_argument("--val-batch-size", type=int, default=8, help="windows of block_size tokens per batch (default 8)")
+    p.add_argument("--batch-size", type=int, default=16, help="HellaSwag examples per forward pass (default 16)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("sample", help="stream samples from a model to the terminal")
+    p.add_argument("--model", required=True, help="checkpoint dir, run dir, exported HF dir, or Hub id such as gpt2")
+    p.add_argument("--prompt", default="Hello, I'm a language model,", help="text every sample continues")
+    p.add_argument("--num", type=int, default=4, help="number of samples (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per sample (default 32)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0: all (default 50)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the sampling generator (default 42)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("plot", help="plot a run's loss and HellaSwag curves into a PNG")
+    p.add_argument("run", help="run directory (reads RUN/log.jsonl)")
+    p.add_argument("--out", help="PNG to write (default RUN/curves.png)")
+    p.add_argument("--log-steps", action="store_true", help="logarithmic step axis")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("push", help="upload an exported model directory to the Hugging Face Hub")
+    p.add_argument("dir", help="directory written by gpt2repro export")
+    p.add_argument("--repo-id", required=True, help="USER/NAME of the model repository (created if needed)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to push to (created if needed; default main)")
+    p.add_argument("--dry-run", action="store_true", help="list the files and the model card; upload nothing")
+    p.set_defaults(func=_cmd_push)
     return parser
 
 

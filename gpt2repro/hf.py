@@ -55,7 +55,10 @@ def load_hf_model(source) -> GPT2LMHeadModel:
         hf_config = AutoConfig.from_pretrained(source)
     except Exception as e:  # OSError, ValueError, or a config validation error, depending on the cause
         raise _load_error(source, local, e) from None
-    GPTConfig.from_hf_config(hf_config)  # raises the one-line "not a GPT-2 config" error
+    try:
+        GPTConfig.from_hf_config(hf_config)
+    except UserError as e:
+        raise UserError(f"{source} is {e}") from None  # "PATH is not a GPT-2 config: ..."
     try:
         return GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -288,9 +291,73 @@ def save_hf(
 
 
 def load_model(source) -> GPT:
-    """Any model the command line accepts: our checkpoint dir, an HF export dir, or a Hub id."""
+    """Any model the command line accepts: our checkpoint dir, a run dir (its newest checkpoint),
+    an HF export dir, or a Hub id."""
     from .checkpoint import is_checkpoint_dir, load_model_dir
+    from .export import resolve_checkpoint
 
     if is_checkpoint_dir(source):
         return load_model_dir(source)
+    if isinstance(source, (str, Path)) and (Path(source).expanduser() / "checkpoints").is_dir():
+        return load_model_dir(resolve_checkpoint(source))
     return gpt_from_hf(source)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Hub
+
+
+def upload_plan(model_dir) -> list[tuple[str, int]]:
+    """(relative path, bytes) of every file push_to_hub uploads: all files of an export, hidden ones aside."""
+    model_dir = Path(model_dir).expanduser()
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir} is not a directory")
+    missing = [name for name in HF_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise UserError(f"{model_dir} is not a gpt2repro export (missing {', '.join(missing)}); run gpt2repro export first")
+    files = []
+    for path in sorted(model_dir.rglob("*")):
+        relative = path.relative_to(model_dir)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            files.append((relative.as_posix(), path.stat().st_size))
+    return files
+
+
+def push_to_hub(model_dir, repo_id: str, private: bool = False, revision: str | None = None, dry_run: bool = False) -> dict:
+    """Upload an export directory to a Hub model repository (created if needed) in one commit.
+
+    The token is the usual one (`hf auth login`, or HF_TOKEN). Returns what is (or with dry_run,
+    would be) uploaded: {"repo_id", "private", "revision", "files": [(path, bytes)], "card"}, plus
+    "url" of the commit after a real push.
+    """
+    model_dir = Path(model_dir).expanduser()
+    files = upload_plan(model_dir)
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts) or " " in repo_id:
+        raise UserError(f"--repo-id must look like USER/NAME, got {repo_id!r}")
+    plan = {
+        "repo_id": repo_id, "private": private, "revision": revision or "main",
+        "files": files, "card": (model_dir / "README.md").read_text(encoding="utf-8"),
+    }
+    if dry_run:
+        return plan
+    import huggingface_hub
+
+    if huggingface_hub.get_token() is None:
+        raise UserError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN")
+    api = huggingface_hub.HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, repo_type="model", folder_path=model_dir, revision=revision,
+            allow_patterns=[name for name, _ in files], commit_message="Upload GPT-2 model trained with gpt2repro",
+        )
+    # huggingface_hub raises its own HTTP errors, OSError subclasses and its HTTP client's errors; all
+    # mean the same to a user here: the push did not happen, for the reason in the first line
+    except Exception as e:  # noqa: BLE001
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot push to {repo_id} on the Hugging Face Hub: {reason}") from None
+    plan["url"] = getattr(commit, "commit_url", None) or str(commit)
+    return plan

@@ -1,0 +1,408 @@
+"""Model-agnostic evaluation: HellaSwag (completion style), validation loss and perplexity.
+
+Everything here takes a function from token ids to logits (or to a loss), so the same code scores
+our GPT, a compiled or wrapped one, and any Hugging Face causal LM. Several processes pass their
+rank, world size and an all-reduce; nothing here knows about Accelerate.
+
+HellaSwag, completion style: each of an example's 4 endings is appended to its context (the
+context's tokens, then the tokens of " " + ending) and scored by the model's cross-entropy on the
+ending's tokens alone. `acc` picks the ending with the smallest summed loss (the most probable
+continuation); `acc_norm` the smallest mean loss per token, which does not favour short endings.
+OpenAI's GPT-2 124M scores acc 0.2859, acc_norm 0.2955 this way on the 10,042 validation examples.
+
+`load_hellaswag("auto")` downloads the official jsonl files once into the cache directory
+`$GPT2REPRO_CACHE/hellaswag` (default `$XDG_CACHE_HOME/gpt2repro/hellaswag`, i.e.
+`~/.cache/gpt2repro/hellaswag`) and records each file's sha256 beside it. With HF_HUB_OFFLINE or
+HF_DATASETS_OFFLINE set, nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .config import EOT_TOKEN, GPT2_VOCAB_SIZE
+from .errors import UserError
+from .tokenizer import get_encoding
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{name}.jsonl"
+HELLASWAG_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}  # split -> file name part
+
+# Completion-style HellaSwag validation scores of reference models, for tables and plots.
+REFERENCE_SCORES = {
+    "GPT-2 124M": {"hellaswag_acc": 0.2859, "hellaswag_acc_norm": 0.2955},
+    "GPT-3 Small (124M)": {"hellaswag_acc_norm": 0.337},
+}
+
+
+@dataclass(frozen=True)
+class HellaSwagExample:
+    ctx: str  # the context the endings continue
+    endings: tuple[str, str, str, str]
+    label: int | None  # index of the true ending; None in the unlabelled test split
+    index: int  # position in the source file (0-based), to match predictions back
+
+
+# ---------------------------------------------------------------------------------------------
+# HellaSwag data
+
+
+def hellaswag_cache_dir(cache_dir=None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    root = os.environ.get("GPT2REPRO_CACHE")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2repro"
+    return Path(root).expanduser() / "hellaswag"
+
+
+def _offline_variable() -> str | None:
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return name
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch(url: str, dest: Path, label: str) -> str:
+    """Stream url into dest with a progress bar; return the sha256 of what was written."""
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=30) as response, open(dest, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {label}") as bar:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def download_hellaswag(split: str = "validation", cache_dir=None) -> Path:
+    """The cached jsonl of a HellaSwag split, downloaded on first use; its sha256 is kept in NAME.sha256.
+
+    A later use checks the file against that sha256, so a damaged cache is reported, not scored.
+    A file put into the cache by hand is accepted and its sha256 recorded then.
+    """
+    if split not in HELLASWAG_SPLITS:
+        raise UserError(f"unknown HellaSwag split {split!r}; known: train, validation, test")
+    name = f"hellaswag_{HELLASWAG_SPLITS[split]}.jsonl"
+    path = hellaswag_cache_dir(cache_dir) / name
+    sidecar = path.with_name(name + ".sha256")
+    url = HELLASWAG_URL.format(name=HELLASWAG_SPLITS[split])
+    if path.is_file():
+        digest = _sha256(path)
+        if sidecar.is_file():
+            recorded = sidecar.read_text().split()[0] if sidecar.read_text().split() else ""
+            if recorded != digest:
+                raise UserError(f"cached {path} does not match its recorded sha256; delete it to download it again")
+        else:
+            sidecar.write_text(f"{digest}  {name}\n")
+        return path
+    offline = _offline_variable()
+    if offline:
+        raise UserError(f"HellaSwag {split} is not cached and {offline} is set: put {url} at {path}, or pass a local jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{name}.{os.getpid()}.part")  # per process: ranks may download at once
+    try:
+        digest = _fetch(url, partial, name)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        partial.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"cannot download HellaSwag {split} from {url} ({reason}): put the file at {path}, or pass a local jsonl") from None
+    sidecar.write_text(f"{digest}  {name}\n")
+    os.replace(partial, path)
+    return path
+
+
+def _parse_example(line: str, where: str, index: int) -> HellaSwagExample:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object with ctx, endings and label")
+    ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
+    if not isinstance(ctx, str):
+        raise UserError(f"{where}: 'ctx' must be a string")
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        got = f"a list of {len(endings)}" if isinstance(endings, list) else type(endings).__name__
+        raise UserError(f"{where}: 'endings' must be a list of 4 strings, got {got}")
+    if isinstance(label, str) and label.strip().isdigit():  # the Hub copy stores labels as strings
+        label = int(label)
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < 4):
+        raise UserError(f"{where}: 'label' must be 0, 1, 2 or 3, got {label!r}")
+    return HellaSwagExample(ctx=ctx, endings=tuple(endings), label=label, index=index)
+
+
+def read_hellaswag(path) -> list[HellaSwagExample]:
+    """Examples of a HellaSwag jsonl file: one object per line with ctx, endings (4) and label."""
+    path = Path(path).expanduser()
+    examples = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, 1):
+                if line.strip():
+                    examples.append(_parse_example(line, f"{path}:{line_number}", len(examples)))
+    except FileNotFoundError:
+        raise UserError(f"HellaSwag file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise UserError(f"HellaSwag file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"cannot read HellaSwag file {path} ({e.strerror})") from None
+    if not examples:
+        raise UserError(f"HellaSwag file {path} holds no examples")
+    return examples
+
+
+def load_hellaswag(source: str, split: str = "validation", cache_dir=None) -> list[HellaSwagExample]:
+    """HellaSwag examples from "auto" (the official `split`, downloaded once) or a local jsonl path."""
+    path = download_hellaswag(split, cache_dir) if source == "auto" else source
+    return read_hellaswag(path)
+
+
+def hellaswag_metric_path() -> Path:
+    """Directory of the HellaSwag `evaluate` module shipped with the package: `evaluate.load(str(path))`."""
+    return Path(str(resources.files("gpt2repro") / "metrics" / "hellaswag"))
+
+
+# ---------------------------------------------------------------------------------------------
+# HellaSwag scoring
+
+
+def _encode(example: HellaSwagExample) -> list[tuple[list[int], int]]:
+    """(context + ending tokens, number of ending tokens) for each of the 4 endings."""
+    enc = get_encoding()
+    context = enc.encode_ordinary(example.ctx) or [EOT_TOKEN]  # the first ending token needs something before it
+    endings = [enc.encode_ordinary(" " + ending) for ending in example.endings]
+    return [(context + ending, len(ending)) for ending in endings]
+
+
+def _fit(example: HellaSwagExample, rows, width: int):
+    """Drop the oldest context tokens of rows longer than width; the ending itself must fit."""
+    for j, (tokens, ending_length) in enumerate(rows):
+        if ending_length >= width:
+            raise UserError(f"HellaSwag example {example.index}: ending {j} has {ending_length} tokens, too long for width {width}")
+    return [(tokens[-width:], ending_length) for tokens, ending_length in rows]
+
+
+def _batch_tensors(encoded, labels, rows_per_batch: int, width: int):
+    """Right-padded (R, width) tokens, an ending mask and (R/4,) labels; empty rows pad the batch to full size."""
+    tokens = torch.full((rows_per_batch, width), EOT_TOKEN, dtype=torch.long)
+    mask = torch.zeros((rows_per_batch, width), dtype=torch.bool)
+    label_tensor = torch.full((rows_per_batch // 4,), -1, dtype=torch.long)  # -1: no label, or padding
+    for e, (rows, label) in enumerate(zip(encoded, labels)):
+        label_tensor[e] = -1 if label is None else label
+        for j, (row, ending_length) in enumerate(rows):
+            r = 4 * e + j
+            tokens[r, : len(row)] = torch.tensor(row)
+            mask[r, len(row) - ending_length : len(row)] = True
+    return tokens, mask, label_tensor
+
+
+def _ending_losses(logits_fn, tokens, mask, autocast_dtype):
+    """Summed cross-entropy over each row's ending tokens and their count, both (R,)."""
+    autocast = (
+        torch.autocast(tokens.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    )
+    with autocast:
+        logits = logits_fn(tokens)  # (R, T, V)
+    predicts_ending = mask[:, 1:]  # logits at position t predict token t + 1
+    # only GPT-2's real tokens: a vocabulary padded for speed must not change the softmax
+    selected = logits[:, :-1][predicts_ending][:, :GPT2_VOCAB_SIZE].float()  # (N, 50257)
+    losses = torch.zeros(predicts_ending.shape, dtype=torch.float32, device=tokens.device)
+    losses[predicts_ending] = F.cross_entropy(selected, tokens[:, 1:][predicts_ending], reduction="none")
+    return losses.sum(1), predicts_ending.sum(1)
+
+
+def _reduce(tensor: torch.Tensor, all_reduce) -> torch.Tensor:
+    if all_reduce is None:
+        return tensor
+    result = all_reduce(tensor)
+    return result if isinstance(result, torch.Tensor) else tensor  # in-place reducers return None or a handle
+
+
+@torch.no_grad()
+def evaluate_hellaswag(
+    logits_fn,
+    examples: list[HellaSwagExample],
+    device="cpu",
+    *,
+    batch_size: int = 16,
+    rank: int = 0,
+    world_size: int = 1,
+    all_reduce=None,
+    autocast_dtype: torch.dtype | None = None,
+    pad_to: int | None = None,
+    progress: bool = False,
+    return_predictions: bool = False,
+) -> dict:
+    """Completion-style HellaSwag accuracy of `logits_fn`, a map from (B, T) token ids to (B, T, V) logits.
+
+    `batch_size` examples (4 rows each) go through one forward. Every forward has the same shape,
+    (4 * batch_size, width) with width = the longest example, at most `pad_to` (pass the model's
+    context length; longer examples lose their oldest context tokens), and every rank runs the same
+    number of forwards, so a compiled model compiles once and sharded models stay in step.
+    Rank r scores examples r, r + world_size, ...; `all_reduce` sums a tensor over ranks (in place or
+    returned), called once.
+
+    Returns the global {"hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n"} (accuracies are None
+    when no example has a label) and, with return_predictions, this rank's "predictions": one dict per
+    example with index, label, pred (by summed loss), pred_norm (by mean loss), sum_losses, num_tokens.
+    """
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+    if not examples:
+        raise UserError("no HellaSwag examples to evaluate")
+    device = torch.device(device)
+    encoded = [_encode(ex) for ex in examples]
+    longest = max(len(tokens) for rows in encoded for tokens, _ in rows)
+    width = min(longest, pad_to) if pad_to else longest
+    mine, mine_encoded = examples[rank::world_size], encoded[rank::world_size]
+    num_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_size)
+
+    sums, counts, labels = [], [], []
+    for b in tqdm(range(num_batches), desc="HellaSwag", disable=not progress):
+        chunk = slice(b * batch_size, (b + 1) * batch_size)
+        rows = [_fit(ex, encoded_rows, width) for ex, encoded_rows in zip(mine[chunk], mine_encoded[chunk])]
+        tokens, mask, label = _batch_tensors(rows, [ex.label for ex in mine[chunk]], 4 * batch_size, width)
+        sum_loss, count = _ending_losses(logits_fn, tokens.to(device), mask.to(device), autocast_dtype)
+        sums.append(sum_loss.view(-1, 4)[: len(rows)])
+        counts.append(count.view(-1, 4)[: len(rows)])
+        labels.append(label[: len(rows)].to(device))
+
+    sum_losses = torch.cat(sums) if sums else torch.zeros((0, 4), device=device)  # (E, 4)
+    num_tokens = torch.cat(counts) if counts else torch.zeros((0, 4), dtype=torch.long, device=device)
+    label = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.long, device=device)
+    pred = sum_losses.argmin(1)
+    pred_norm = (sum_losses / num_tokens.clamp(min=1)).argmin(1)
+    labelled = label >= 0
+    totals = torch.stack([labelled.sum(), (labelled & (pred == label)).sum(), (labelled & (pred_norm == label)).sum()])
+    n, correct, correct_norm = _reduce(totals, all_reduce).tolist()
+    result = {
+        "hellaswag_acc": correct / n if n else None,
+        "hellaswag_acc_norm": correct_norm / n if n else None,
+        "hellaswag_n": n,
+    }
+    if return_predictions:
+        result["predictions"] = [
+            {"index": ex.index, "label": ex.label, "pred": p, "pred_norm": pn, "sum_losses": s, "num_tokens": c}
+            for ex, p, pn, s, c in zip(mine, pred.tolist(), pred_norm.tolist(), sum_losses.tolist(), num_tokens.tolist())
+        ]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# validation loss
+
+
+@torch.no_grad()
+def validation_loss(loss_fn, batches, all_reduce=None, device=None) -> float:
+    """Mean cross-entropy over all validation windows of all ranks.
+
+    `loss_fn(x, y)` returns the mean loss of one (B, T) batch; `batches` is this rank's share of the
+    windows. Each batch counts with its B windows, so unequal shares across ranks weigh correctly.
+    `device` holds the totals of a rank that has no batches (all ranks must join the reduction).
+    """
+    total, windows = None, 0
+    for x, y in batches:
+        loss = loss_fn(x, y).detach().double() * x.size(0)
+        total = loss if total is None else total + loss
+        windows += x.size(0)
+    if total is None:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+    totals = _reduce(torch.stack([total, torch.tensor(float(windows), dtype=torch.float64, device=total.device)]), all_reduce)
+    loss_sum, count = totals.tolist()
+    if not count:
+        raise UserError("no validation windows to evaluate")
+    return loss_sum / count
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean cross-entropy in nats); inf where exp overflows."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# the `eval` command
+
+
+def inference_device(device: str | None = None) -> tuple[torch.device, torch.dtype | None]:
+    """The device to run on (CUDA when there is one) and its autocast dtype (bf16 where supported)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return device, torch.bfloat16
+    return device, None
+
+
+def evaluate_model(
+    source: str,
+    hellaswag: str | None = None,
+    split: str = "validation",
+    data_dir: str | None = None,
+    val_batches: int = 20,
+    val_batch_size: int = 8,
+    batch_size: int = 16,
+    device: str | None = None,
+    progress: bool = False,
+) -> dict:
+    """HellaSwag and/or validation loss of a checkpoint, a run, an exported dir or a Hub id (one process)."""
+    if hellaswag is None and data_dir is None:
+        raise UserError("nothing to evaluate: pass --hellaswag auto|PATH and/or --data DIR")
+    if min(val_batches, val_batch_size, batch_size) < 1:
+        raise UserError("batch sizes and the number of validation batches must be at least 1")
+    examples = load_hellaswag(hellaswag, split) if hellaswag is not None else None  # bad input fails before loading a model
+    from .hf import load_model
+
+    model = load_model(source)
+    device, autocast_dtype = inference_device(device)
+    model.to(device).eval()
+    results = {}
+    if examples is not None:
+        results.update(evaluate_hellaswag(
+            lambda idx: model(idx)[0], examples, device, batch_size=batch_size,
+            autocast_dtype=autocast_dtype, pad_to=model.config.block_size, progress=progress,
+        ))
+    if data_dir is not None:
+        from .data import validation_batches
+
+        batches = validation_batches(
+            data_dir, val_batch_size, model.config.block_size, val_batches, vocab_size=model.config.vocab_size
+        )
+        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+
+        def loss_fn(x, y):
+            with autocast:
+                return model(x.to(device), y.to(device))[1]
+
+        results["val_loss"] = validation_loss(loss_fn, batches)
+        results["val_perplexity"] = perplexity(results["val_loss"])
+    return results
+
+
+def format_results(results: dict) -> str:
+    """A readable table of eval results, with the reference models' HellaSwag scores beside ours."""
+    lines = [f"{'metric':<20} {'value':>10}  reference"]
+    for key, value in results.items():
+        references = ", ".join(f"{name} {scores[key]:.4f}" for name, scores in REFERENCE_SCORES.items() if key in scores)
+        shown = "-" if value is None else f"{value:>10,}" if isinstance(value, int) else f"{value:>10.4f}"
+        lines.append(f"{key:<20} {shown:>10}  {references}".rstrip())
+    return "\n".join(lines)

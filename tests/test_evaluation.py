@@ -1,0 +1,401 @@
+import hashlib
+import http.server
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from gpt2repro import GPT, GPTConfig
+from gpt2repro import evaluation
+from gpt2repro.__main__ import main
+from gpt2repro.checkpoint import save_model_dir
+from gpt2repro.errors import UserError
+from gpt2repro.evaluation import (
+    evaluate_hellaswag,
+    hellaswag_metric_path,
+    load_hellaswag,
+    read_hellaswag,
+    validation_loss,
+)
+from gpt2repro.hf import save_hf
+
+WORDS = (
+    "the a man woman dog ball kitchen garden slowly quickly then walks runs throws picks up down over "
+    "table knife bread water river bicycle guitar plays café naïve smiles camera begins finishes"
+).split()
+
+
+def cli(*args, env_updates=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_updates or {})}
+    return subprocess.run([sys.executable, "-m", "gpt2repro", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def sentence(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def write_hellaswag(path: Path, n: int = 11, seed: int = 0, labelled: bool = True) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            row = {"ind": i, "ctx": sentence(rng, 3, 14).capitalize() + ",", "endings": [sentence(rng, 1, 9) + "." for _ in range(4)]}
+            if labelled:
+                row["label"] = rng.randrange(4)
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # vocab padded to 50,304 like a training run: scoring must crop it to GPT-2's 50,257 tokens
+    return GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+@pytest.fixture(scope="module")
+def export_dir(model, tmp_path_factory):
+    return save_hf(model, tmp_path_factory.mktemp("export") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    return read_hellaswag(write_hellaswag(tmp_path_factory.mktemp("hs") / "hellaswag_val.jsonl"))
+
+
+def ours(model):
+    return lambda idx: model(idx)[0]
+
+
+def unbatched_reference(export_dir, examples):
+    """Each ending scored alone by transformers' GPT2LMHeadModel with the exported tokenizer."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(export_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    sums, counts = [], []
+    with torch.no_grad():
+        for ex in examples:
+            context = tokenizer(ex.ctx)["input_ids"]
+            row_sums, row_counts = [], []
+            for ending in ex.endings:
+                ending_ids = tokenizer(" " + ending)["input_ids"]
+                ids = torch.tensor([context + ending_ids])
+                logprobs = F.log_softmax(hf(ids).logits[0, :-1].double(), dim=-1)
+                targets = ids[0, 1:]
+                token_logprobs = logprobs[torch.arange(len(targets)), targets][-len(ending_ids):]
+                row_sums.append(-token_logprobs.sum().item())
+                row_counts.append(len(ending_ids))
+            sums.append(row_sums)
+            counts.append(row_counts)
+    return torch.tensor(sums, dtype=torch.float64), torch.tensor(counts)
+
+
+def test_hellaswag_equals_an_unbatched_gpt2lmheadmodel_computation_on_the_export(model, export_dir, examples):
+    result = evaluate_hellaswag(ours(model), examples, batch_size=4, return_predictions=True)
+    sums, counts = unbatched_reference(export_dir, examples)
+    predictions = result["predictions"]
+    assert [p["index"] for p in predictions] == list(range(len(examples)))
+    assert [p["num_tokens"] for p in predictions] == counts.tolist()
+    torch.testing.assert_close(torch.tensor([p["sum_losses"] for p in predictions], dtype=torch.float64), sums, atol=1e-4, rtol=0)
+    expected_pred = sums.argmin(1).tolist()
+    expected_pred_norm = (sums / counts).argmin(1).tolist()
+    assert [p["pred"] for p in predictions] == expected_pred
+    assert [p["pred_norm"] for p in predictions] == expected_pred_norm
+    labels = [ex.label for ex in examples]
+    assert result["hellaswag_n"] == len(examples)
+    assert result["hellaswag_acc"] == sum(p == y for p, y in zip(expected_pred, labels)) / len(examples)
+    assert result["hellaswag_acc_norm"] == sum(p == y for p, y in zip(expected_pred_norm, labels)) / len(examples)
+    # the synthetic set is only a meaningful check if the two rules disagree somewhere
+    assert expected_pred != expected_pred_norm
+
+
+def test_batched_and_one_example_per_forward_scoring_agree(model, examples):
+    batched = evaluate_hellaswag(ours(model), examples, batch_size=5, return_predictions=True)
+    single = evaluate_hellaswag(ours(model), examples, batch_size=1, return_predictions=True)
+    for a, b in zip(batched["predictions"], single["predictions"]):
+        assert (a["pred"], a["pred_norm"], a["num_tokens"]) == (b["pred"], b["pred_norm"], b["num_tokens"])
+        torch.testing.assert_close(torch.tensor(a["sum_losses"]), torch.tensor(b["sum_losses"]), atol=1e-4, rtol=0)
+    assert {k: batched[k] for k in ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n")} == {
+        k: single[k] for k in ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n")
+    }
+
+
+def test_checkpoint_and_its_hf_export_score_identically_through_any_logits_function(model, export_dir, examples):
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(export_dir).eval()
+    a = evaluate_hellaswag(ours(model), examples, batch_size=4, return_predictions=True)
+    b = evaluate_hellaswag(lambda idx: hf(idx).logits, examples, batch_size=4, return_predictions=True)
+    assert [p["pred_norm"] for p in a["predictions"]] == [p["pred_norm"] for p in b["predictions"]]
+    assert a["hellaswag_acc_norm"] == b["hellaswag_acc_norm"] and a["hellaswag_acc"] == b["hellaswag_acc"]
+
+
+def test_every_forward_has_the_same_padded_shape_so_a_compiled_model_compiles_once(model, examples):
+    shapes = []
+
+    def recording(idx):
+        shapes.append(tuple(idx.shape))
+        return model(idx)[0]
+
+    evaluate_hellaswag(recording, examples, batch_size=4)  # 11 examples: 4 + 4 + 3 padded to 4
+    assert len(shapes) == 3 and len(set(shapes)) == 1 and shapes[0][0] == 16
+    shapes.clear()
+    evaluate_hellaswag(recording, examples, batch_size=4, rank=1, world_size=2)  # 5 examples, still 2 full batches
+    assert shapes == [(16, shapes[0][1])] * 2
+
+
+def test_examples_longer_than_pad_to_lose_old_context_but_keep_their_ending(model, examples):
+    longest = max(len(evaluation._encode(ex)[j][0]) for ex in examples for j in range(4))
+    shapes = []
+
+    def recording(idx):
+        shapes.append(tuple(idx.shape))
+        return model(idx)[0]
+
+    result = evaluate_hellaswag(recording, examples, batch_size=4, pad_to=longest - 5, return_predictions=True)
+    assert {s[1] for s in shapes} == {longest - 5}
+    full = evaluate_hellaswag(ours(model), examples, batch_size=4, return_predictions=True)
+    assert [p["num_tokens"] for p in result["predictions"]] == [p["num_tokens"] for p in full["predictions"]]
+
+
+def run_ranks_in_threads(world_size, score):
+    """Each rank in its own thread; all_reduce sums the ranks' tensors like a collective would."""
+    barrier = threading.Barrier(world_size)
+    deposited = [None] * world_size
+    results = [None] * world_size
+
+    def rank_main(rank):
+        def all_reduce(tensor):
+            deposited[rank] = tensor.clone()
+            barrier.wait()
+            total = sum(deposited)
+            barrier.wait()
+            tensor.copy_(total)  # in place, as torch.distributed.all_reduce does
+
+        results[rank] = score(rank, world_size, all_reduce)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_two_ranks_give_the_same_totals_and_predictions_as_one(model, examples):
+    one = evaluate_hellaswag(ours(model), examples, batch_size=2, return_predictions=True)
+    two = run_ranks_in_threads(2, lambda rank, world, reduce: evaluate_hellaswag(
+        ours(model), examples, batch_size=2, rank=rank, world_size=world, all_reduce=reduce, return_predictions=True))
+    keys = ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n")
+    assert all({k: r[k] for k in keys} == {k: one[k] for k in keys} for r in two)
+    merged = sorted((p for r in two for p in r["predictions"]), key=lambda p: p["index"])
+    assert [(p["index"], p["pred"], p["pred_norm"]) for p in merged] == [
+        (p["index"], p["pred"], p["pred_norm"]) for p in one["predictions"]
+    ]
+
+
+def _gloo_rank(rank, world_size, port, state_path, data_path, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+    model.load_state_dict(torch.load(state_path))
+    result = evaluate_hellaswag(
+        ours(model), read_hellaswag(data_path), batch_size=2, rank=rank, world_size=world_size, all_reduce=dist.all_reduce
+    )
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_same_totals_as_one(model, examples, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data_path = write_hellaswag(tmp_path / "hs.jsonl")
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(2, port, str(tmp_path / "state.pt"), str(data_path), str(tmp_path)), nprocs=2)
+    one = evaluate_hellaswag(ours(model), examples, batch_size=2)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == one
+
+
+def test_unlabelled_test_split_examples_are_scored_but_not_counted(model, tmp_path):
+    examples = read_hellaswag(write_hellaswag(tmp_path / "test.jsonl", n=5, labelled=False))
+    assert all(ex.label is None for ex in examples)
+    result = evaluate_hellaswag(ours(model), examples, batch_size=2, return_predictions=True)
+    assert result["hellaswag_n"] == 0 and result["hellaswag_acc"] is None and result["hellaswag_acc_norm"] is None
+    assert len(result["predictions"]) == 5 and all(p["pred"] in range(4) for p in result["predictions"])
+
+
+def test_evaluate_module_loads_offline_and_reports_the_same_accuracies(model, examples, monkeypatch):
+    import evaluate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    metric = evaluate.load(str(hellaswag_metric_path()))
+    assert "Zellers" in metric.citation and "HellaSwag" in metric.description
+    result = evaluate_hellaswag(ours(model), examples, batch_size=4, return_predictions=True)
+    predictions = result["predictions"]
+    scores = metric.compute(
+        predictions=[p["sum_losses"] for p in predictions],
+        ending_lengths=[p["num_tokens"] for p in predictions],
+        references=[p["label"] for p in predictions],
+    )
+    assert scores == {"acc": result["hellaswag_acc"], "acc_norm": result["hellaswag_acc_norm"], "n": len(examples)}
+
+
+def test_lm_eval_hflm_on_the_export_gives_our_log_likelihoods(model, export_dir, examples):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(export_dir), device="cpu", batch_size=4)
+    chosen = examples[:3]
+    requests = [
+        Instance(request_type="loglikelihood", doc={}, arguments=(ex.ctx, " " + ending), idx=i)
+        for ex in chosen for i, ending in enumerate(ex.endings)
+    ]
+    theirs = torch.tensor([logprob for logprob, _ in lm.loglikelihood(requests)], dtype=torch.float64)
+    predictions = evaluate_hellaswag(ours(model), chosen, batch_size=3, return_predictions=True)["predictions"]
+    mine = -torch.tensor([p["sum_losses"] for p in predictions], dtype=torch.float64).flatten()
+    torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# HellaSwag data: local files, the download cache, bad input
+
+
+def test_malformed_jsonl_line_is_reported_with_its_line_number(tmp_path):
+    path = write_hellaswag(tmp_path / "hs.jsonl", n=3)
+    lines = path.read_text().splitlines()
+    lines.insert(2, '{"ctx": "A man", "endings": ["a", "b"')
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"hs\.jsonl:3: not valid JSON"):
+        read_hellaswag(path)
+
+
+def test_an_ending_list_that_is_not_four_long_is_refused(tmp_path):
+    path = tmp_path / "hs.jsonl"
+    path.write_text(json.dumps({"ctx": "A man", "endings": ["a", "b", "c"], "label": 0}) + "\n")
+    with pytest.raises(UserError, match=r"hs\.jsonl:1: 'endings' must be a list of 4 strings, got a list of 3"):
+        read_hellaswag(path)
+
+
+def test_cli_eval_bad_hellaswag_file_fails_with_one_line_naming_the_line(export_dir, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 1}) + "\n{oops\n")
+    result = cli("eval", "--model", str(export_dir), "--hellaswag", str(path))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "bad.jsonl:2" in result.stderr
+
+
+def test_cli_eval_model_dir_that_is_neither_checkpoint_nor_gpt2_fails_with_one_line(examples, tmp_path):
+    data = write_hellaswag(tmp_path / "hs.jsonl", n=2)
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    for model_dir in (not_a_model, tmp_path / "empty"):
+        model_dir.mkdir(exist_ok=True)
+        result = cli("eval", "--model", str(model_dir), "--hellaswag", str(data))
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and str(model_dir) in result.stderr
+
+
+def test_hellaswag_auto_offline_fails_fast_with_one_line_naming_the_cache_path(export_dir, tmp_path):
+    result = cli("eval", "--model", str(export_dir), "--hellaswag", "auto", env_updates={"GPT2REPRO_CACHE": str(tmp_path)})
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert str(tmp_path / "hellaswag" / "hellaswag_val.jsonl") in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+
+
+@pytest.fixture
+def hellaswag_server(tmp_path, monkeypatch):
+    """A loopback HTTP server standing in for the HellaSwag repository."""
+    served = tmp_path / "served"
+    served.mkdir()
+    write_hellaswag(served / "hellaswag_val.jsonl", n=4)
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **k)  # noqa: E731
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(evaluation, "HELLASWAG_URL", f"http://127.0.0.1:{server.server_port}/hellaswag_{{name}}.jsonl")
+    yield served
+    server.shutdown()
+    server.server_close()
+
+
+def test_auto_download_caches_the_file_records_its_sha256_and_reuses_it(hellaswag_server, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    examples = load_hellaswag("auto", cache_dir=cache)
+    cached = cache / "hellaswag_val.jsonl"
+    assert len(examples) == 4 and cached.read_bytes() == (hellaswag_server / "hellaswag_val.jsonl").read_bytes()
+    assert (cache / "hellaswag_val.jsonl.sha256").read_text().split()[0] == hashlib.sha256(cached.read_bytes()).hexdigest()
+    assert not list(cache.glob("*.part"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a second use needs no network
+    assert load_hellaswag("auto", cache_dir=cache) == examples
+    cached.write_text(cached.read_text().replace("a", "b", 1))
+    with pytest.raises(UserError, match="does not match its recorded sha256"):
+        load_hellaswag("auto", cache_dir=cache)
+
+
+def test_unreachable_download_fails_in_one_line_naming_the_cache_path(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(evaluation, "HELLASWAG_URL", "http://127.0.0.1:9/hellaswag_{name}.jsonl")  # discard port: refused
+    with pytest.raises(UserError) as error:
+        load_hellaswag("auto", cache_dir=tmp_path)
+    assert "\n" not in str(error.value) and str(tmp_path / "hellaswag_val.jsonl") in str(error.value)
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# validation loss and the eval command
+
+
+def test_validation_loss_is_the_mean_over_all_windows_of_all_ranks(model):
+    torch.manual_seed(3)
+    windows = torch.randint(0, 50257, (7, 17))
+    x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    with torch.no_grad():
+        per_window = [model(x[i : i + 1], y[i : i + 1])[1].item() for i in range(7)]
+    batches = [(x[0:3], y[0:3]), (x[3:5], y[3:5]), (x[5:6], y[5:6]), (x[6:7], y[6:7])]
+    loss_fn = lambda a, b: model(a, b)[1]  # noqa: E731
+    one = validation_loss(loss_fn, batches)
+    assert one == pytest.approx(sum(per_window) / 7, abs=1e-5)
+    # rank 0 gets batches 0 and 2 (4 windows), rank 1 batches 1 and 3 (3 windows)
+    two = run_ranks_in_threads(2, lambda rank, world, reduce: validation_loss(loss_fn, batches[rank::world], all_reduce=reduce))
+    assert two[0] == two[1] == pytest.approx(one, abs=1e-6)
+
+
+def test_cli_eval_json_is_one_line_and_checkpoint_and_export_agree(model, export_dir, tmp_path, capsys):
+    checkpoint = tmp_path / "ckpt"
+    save_model_dir(model, checkpoint)
+    data = write_hellaswag(tmp_path / "hs.jsonl", n=6)
+    outputs = []
+    for source in (checkpoint, export_dir):
+        assert main(["eval", "--model", str(source), "--hellaswag", str(data), "--batch-size", "4", "--json"]) == 0
+        out = capsys.readouterr().out
+        assert len(out.strip().splitlines()) == 1
+        outputs.append(json.loads(out))
+    assert outputs[0] == outputs[1]
+    assert set(outputs[0]) == {"hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n"} and outputs[0]["hellaswag_n"] == 6
+
+
+def test_cli_eval_table_shows_our_scores_beside_the_reference_models(export_dir, tmp_path, capsys):
+    data = write_hellaswag(tmp_path / "hs.jsonl", n=4)
+    assert main(["eval", "--model", str(export_dir), "--hellaswag", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "hellaswag_acc_norm" in out and "GPT-2 124M 0.2955" in out and "GPT-3 Small (124M) 0.3370" in out
