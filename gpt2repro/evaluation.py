@@ -111,7 +111,7 @@ def download_hellaswag(split: str = "validation", cache_dir=None) -> Path:
     if path.is_file():
         digest = _sha256(path)
         if sidecar.is_file():
-            recorded = sidecar.read_text().split()[0] if sidecar.read_text().split() else ""
+            recorded = (sidecar.read_text().split() or [""])[0]
             if recorded != digest:
                 raise UserError(f"cached {path} does not match its recorded sha256; delete it to download it again")
         else:
@@ -289,9 +289,7 @@ def evaluate_hellaswag(
         counts.append(count.view(-1, 4)[: len(rows)])
         labels.append(label[: len(rows)].to(device))
 
-    sum_losses = torch.cat(sums) if sums else torch.zeros((0, 4), device=device)  # (E, 4)
-    num_tokens = torch.cat(counts) if counts else torch.zeros((0, 4), dtype=torch.long, device=device)
-    label = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.long, device=device)
+    sum_losses, num_tokens, label = torch.cat(sums), torch.cat(counts), torch.cat(labels)  # (E, 4), (E, 4), (E,)
     pred = sum_losses.argmin(1)
     pred_norm = (sum_losses / num_tokens.clamp(min=1)).argmin(1)
     labelled = label >= 0

@@ -244,7 +244,7 @@ def model_card(
         f"width {c.n_embd}, context {c.block_size}) trained from scratch with gpt2repro. "
         "It is a plain `GPT2LMHeadModel` with GPT-2's tokenizer:", "",
         "```python", "from transformers import pipeline", "",
-        f'generator = pipeline("text-generation", model="PATH_OR_REPO_ID")',
+        'generator = pipeline("text-generation", model="PATH_OR_REPO_ID")',
         'print(generator("Hello, I\'m a language model,", max_new_tokens=32, do_sample=True, top_k=50))',
         "```", "",
     ]

@@ -399,3 +399,34 @@ def test_cli_eval_table_shows_our_scores_beside_the_reference_models(export_dir,
     assert main(["eval", "--model", str(export_dir), "--hellaswag", str(data)]) == 0
     out = capsys.readouterr().out
     assert "hellaswag_acc_norm" in out and "GPT-2 124M 0.2955" in out and "GPT-3 Small (124M) 0.3370" in out
+
+
+def test_cli_eval_data_reports_the_mean_loss_of_the_data_modules_validation_windows(model, export_dir, monkeypatch, capsys):
+    import types
+
+    torch.manual_seed(5)
+    windows = torch.randint(0, 50257, (6, 65))
+    calls = []
+
+    def validation_batches(data_dir, batch_size, seq_len, num_batches, rank=0, world_size=1, vocab_size=None):
+        calls.append((data_dir, batch_size, seq_len, num_batches, rank, world_size, vocab_size))
+        starts = range(0, batch_size * num_batches, batch_size)
+        return [(windows[i : i + batch_size, :-1].contiguous(), windows[i : i + batch_size, 1:].contiguous()) for i in starts]
+
+    # the data module's own loader is tested with it; here only what eval asks of it and does with it
+    monkeypatch.setitem(sys.modules, "gpt2repro.data", types.SimpleNamespace(validation_batches=validation_batches))
+    assert main(["eval", "--model", str(export_dir), "--data", "DATA", "--val-batches", "3", "--val-batch-size", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert calls == [("DATA", 2, 64, 3, 0, 1, 50257)]  # full context windows; the export's vocabulary
+    with torch.no_grad():  # the export is our model with the padded vocabulary cropped
+        logits = model(windows[:, :-1])[0][..., :50257]
+        expected = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+    assert result["val_loss"] == pytest.approx(expected, abs=1e-5)
+    assert result["val_perplexity"] == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-5)
+
+
+def test_cli_eval_of_a_hub_id_keeps_the_download_path_and_fails_offline_in_one_line(tmp_path):
+    data = write_hellaswag(tmp_path / "hs.jsonl", n=2)
+    result = cli("eval", "--model", "gpt2", "--hellaswag", str(data), env_updates={"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "cannot download 'gpt2' from the Hugging Face Hub (HF_HUB_OFFLINE is set)" in result.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from gpt2repro import GPT, GPTConfig, TrainConfig
+from gpt2repro import GPT, TrainConfig
 from gpt2repro.__main__ import main
 from gpt2repro.checkpoint import save_checkpoint
 from gpt2repro.errors import UserError
