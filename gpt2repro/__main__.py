@@ -12,6 +12,20 @@ import sys
 from .errors import UserError
 
 
+def _cmd_train(args) -> None:
+    from .config import load_train_config
+    from .train import train
+
+    cfg = load_train_config(args.preset, args.config, [item for group in args.set for item in group])
+    train(cfg, args.data, args.out)
+
+
+def _cmd_bench(args) -> None:
+    from .bench import main as bench_main
+
+    bench_main(args)
+
+
 def _cmd_export(args) -> None:
     from .export import export_checkpoint
 
@@ -69,6 +83,25 @@ def _cmd_push(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2repro", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train (or resume) a run; works under `accelerate launch` on any number of GPUs")
+    p.add_argument("--preset", default="gpt2-124M", help="gpt2-124M (default), gpt3-124M, gutenberg-short or tiny")
+    p.add_argument("--data", required=True, help="prepared data directory (gpt2repro prepare)")
+    p.add_argument("--out", required=True, help="run directory; rerunning with the same one resumes")
+    p.add_argument("--config", help="YAML file of config overrides, applied after the preset")
+    p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                   help="overrides applied last, e.g. --set max_steps=100 model.n_layer=6")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("bench", help="training-step throughput, ours and optionally Hugging Face's, on this GPU")
+    p.add_argument("--compare", choices=["hf"], help="also time transformers' GPT2LMHeadModel on the same tokens")
+    p.add_argument("--batch", type=int, default=64, help="micro batch size (sequences)")
+    p.add_argument("--seq", type=int, default=1024, help="sequence length")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    p.add_argument("--model", help="model preset (default: gpt2, the 124M model)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("export", help="convert a training checkpoint into a Hugging Face model directory")
     p.add_argument("checkpoint", help="checkpoint directory (RUN/checkpoints/step_NNNNNN) or run directory")

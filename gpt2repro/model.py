@@ -155,7 +155,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         # the fp32 upcast fuses into the loss kernel under torch.compile
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return (logits if return_logits else None), loss
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:

@@ -254,6 +254,7 @@ class Trainer:
                 scores = evaluate_hellaswag(
                     lambda idx: self.raw_model(idx)[0], self.hellaswag, self.device, rank=self.rank,
                     world_size=self.world_size, all_reduce=self._sum_across_processes, progress=False,
+                    pad_to=cfg.model.block_size,
                 )
             results.update({k: scores[k] for k in ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n")})
         return results
