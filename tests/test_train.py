@@ -1,0 +1,239 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2repro.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from gpt2repro.config import GPTConfig, load_train_config
+from gpt2repro.data import prepare
+from gpt2repro.errors import UserError
+from gpt2repro.model import GPT
+from gpt2repro.train import Trainer, get_lr, train
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+# a small model with the real tokenizer: fast on 2 CPU cores, same code paths as the 124M recipe
+SMALL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "seq_len=32",
+         "micro_batch_size=4", "total_batch_size=512", "warmup_steps=2", "val_batches=4", "num_samples=1",
+         "sample_max_new_tokens=8", "seed=7"]
+
+
+def small_config(*overrides: str):
+    return load_train_config("tiny", None, SMALL + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "shakespeare"
+    return prepare([str(SHARED_DATA / "tinyshakespeare.txt")], out, val_tokens=4096, shard_size=100_000,
+                   num_workers=1, progress=False)
+
+
+def losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+
+def run_cli(*args: str, launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = (launcher or [sys.executable]) + ["-m", "gpt2repro", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 50257, (8, 33))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    results = []
+    for micro_batch, steps in ((8, 1), (2, 4)):
+        cfg = small_config(f"micro_batch_size={micro_batch}", "total_batch_size=256", "grad_clip=0")
+        trainer = Trainer(cfg, data_dir=None, run_dir=None)
+        assert trainer.grad_accum_steps == steps
+        before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+        loss = trainer.accumulate_gradients([(x[i:i + micro_batch], y[i:i + micro_batch]) for i in range(0, 8, micro_batch)])
+        grads = {n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()}
+        trainer.apply_update()
+        results.append((before, loss, grads, {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}))
+    (before_a, loss_a, grads_a, after_a), (before_b, loss_b, grads_b, after_b) = results
+    for name in before_a:
+        assert torch.equal(before_a[name], before_b[name])  # same initial weights
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6 * grads_a[name].abs().max().item())
+    # Adam's first step is lr * g / (|g| + eps): where |g| is near eps (attention keys at init) it amplifies
+    # float rounding of g, so the updates agree to 1e-3 of the learning rate rather than to 1e-6
+    lr = get_lr(0, small_config())
+    for name in after_a:
+        update_a, update_b = after_a[name] - before_a[name], after_b[name] - before_a[name]
+        assert update_a.abs().max() > 0.5 * lr  # the step really moved every tensor
+        torch.testing.assert_close(update_b, update_a, rtol=1e-5, atol=1e-3 * lr)
+
+
+def test_resumed_run_logs_bit_identical_losses(data_dir, tmp_path):
+    common = ("max_steps=6", "checkpoint_every=2", "val_every=3", "sample_every=3")
+    train(small_config(*common), data_dir, tmp_path / "straight")
+    train(small_config(*common, "stop_after_steps=3"), data_dir, tmp_path / "resumed")
+    assert sorted(list_checkpoints(tmp_path / "resumed" / "checkpoints")) == [2, 3]
+    assert max(losses(tmp_path / "resumed")) == 2
+    train(small_config(*common), data_dir, tmp_path / "resumed")
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert list(straight) == list(range(6))
+    assert resumed == straight  # exact float equality, every step
+    val = [json.loads(l) for l in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines() if "val_loss" in l]
+    assert [r["step"] for r in val] == [0, 3, 5]
+
+
+def test_two_cpu_processes_log_the_same_losses_as_one(data_dir, tmp_path):
+    settings = ["--preset", "tiny", "--data", str(data_dir), "--set", *SMALL, "max_steps=4", "val_every=2",
+                "sample_every=0", "checkpoint_every=0"]
+    run_cli("train", "--out", str(tmp_path / "one"), *settings)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29517"]
+    run_cli("train", "--out", str(tmp_path / "two"), *settings, launcher=launcher)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert list(one) == list(two) == [0, 1, 2, 3]
+    for step in one:
+        assert abs(one[step] - two[step]) / one[step] < 1e-4
+    val = lambda run: [json.loads(l)["val_loss"] for l in (run / "log.jsonl").read_text().splitlines() if "val_loss" in l]
+    assert len(val(tmp_path / "one")) == 3  # steps 0, 2 and the last, 3
+    for a, b in zip(val(tmp_path / "one"), val(tmp_path / "two")):
+        assert abs(a - b) / a < 1e-4
+
+
+def test_run_directory_holds_log_samples_checkpoints_and_exports_to_a_pipeline(data_dir, tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", "--preset", "tiny", "--data", str(data_dir), "--out", str(run),
+            "--set", *SMALL, "max_steps=3", "sample_every=2", "checkpoint_every=2")
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    step_record = next(r for r in records if "train_loss" in r)
+    assert {"step", "train_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= step_record.keys()
+    assert any("val_loss" in r for r in records)
+    assert "Hello, I'm a language model," in (run / "samples.txt").read_text()
+    assert sorted(list_checkpoints(run / "checkpoints")) == [2, 3]
+    run_cli("export", str(run / "checkpoints" / "step_000003"), "--out", str(tmp_path / "hf"))
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
+    text = generator("ROMEO:", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+
+
+def test_checkpoint_holds_no_pickle_and_bad_checkpoints_fail_in_one_line(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(small_config("max_steps=4", "checkpoint_every=2", "val_every=0", "sample_every=0"), data_dir, run)
+    path = latest_checkpoint(run / "checkpoints")
+    assert path.name == "step_000004"
+    for file in path.iterdir():
+        head = file.read_bytes()[:8]
+        assert file.suffix in (".json", ".safetensors"), file.name
+        assert not head.startswith((b"\x80", b"PK")), f"{file.name} looks like a pickle or torch.save archive"
+        if file.suffix == ".json":
+            json.loads(file.read_text())
+    state = json.loads((path / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["tokens_seen"] == 4 * 512 and len(state["rng"]) == 1
+
+    other = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=3, n_head=2, n_embd=32))
+    with pytest.raises(UserError, match="was written for") as err:
+        load_checkpoint(path, other)
+    assert "\n" not in str(err.value)
+
+    run_cli("export", str(path), "--out", str(tmp_path / "ok"))  # intact: exports
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    result = run_cli("export", str(path), "--out", str(tmp_path / "bad"), check=False)
+    assert result.returncode != 0 and "corrupt" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_truncated_checkpoint_is_ignored_in_favour_of_the_previous(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(small_config("max_steps=4", "checkpoint_every=2", "val_every=0", "sample_every=0"), data_dir, run)
+    root = run / "checkpoints"
+    newest = root / "step_000004"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # as if cut off mid-write
+    (root / "step_000006.tmp").mkdir()  # an interrupted write never counts
+    assert latest_checkpoint(root) == root / "step_000002"
+    # resuming continues from step 2 and rewrites the damaged step 4
+    train(small_config("max_steps=4", "checkpoint_every=2", "val_every=0", "sample_every=0"), data_dir, run)
+    assert latest_checkpoint(root) == newest
+    assert json.loads((newest / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = small_config("max_steps=6", "checkpoint_every=2", "val_every=0", "sample_every=0")
+    original = Trainer.train_step
+
+    def poisoned(self):
+        if self.step == 3:  # weights turn non-finite during the fourth step
+            with torch.no_grad():
+                self.raw_model.transformer.wte.weight[0, 0] = float("nan")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    with pytest.raises(UserError, match="non-finite loss nan .* at step 3; stopped without saving") as err:
+        train(cfg, data_dir, run)
+    assert "step_000002" in str(err.value)
+    assert sorted(list_checkpoints(run / "checkpoints")) == [2]
+    good = GPT(cfg.model)
+    load_checkpoint(run / "checkpoints" / "step_000002", good)
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_skip_mode_skips_non_finite_steps_and_counts_them(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = small_config("max_steps=4", "checkpoint_every=0", "val_every=0", "sample_every=0", "on_nonfinite=skip")
+    original = Trainer.apply_update
+    weights_before_skip = {}
+
+    def poisoned(self):
+        if self.step == 2:
+            weights_before_skip.update({k: v.clone() for k, v in self.raw_model.state_dict().items()})
+            self.raw_model.lm_head.weight.grad[0, 0] = float("inf")
+        result = original(self)
+        if self.step == 2:
+            for k, v in self.raw_model.state_dict().items():
+                assert torch.equal(v, weights_before_skip[k]), f"{k} changed in a skipped step"
+        return result
+
+    monkeypatch.setattr(Trainer, "apply_update", poisoned)
+    train(cfg, data_dir, run)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("skipped")] == [2]
+    assert records[-1]["step"] == 3 and "skipped" not in records[-1]
+    state = json.loads((run / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
+    assert state["skipped_steps"] == 1
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(data_dir, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt2repro", "train", "--preset", "tiny", "--data", str(data_dir), "--out", str(run),
+         "--set", *SMALL, "max_steps=100000", "warmup_steps=10", "val_every=0", "sample_every=0", "checkpoint_every=0"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+    )
+    log = run / "log.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text().count("\n") >= 2):
+        assert process.poll() is None and time.time() < deadline, process.stdout.read() if process.poll() else "timeout"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "stopped after step" in output and "SIGTERM" in output
+    (step, path), = list_checkpoints(run / "checkpoints").items()
+    assert max(losses(run)) == step - 1
