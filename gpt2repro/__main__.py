@@ -12,6 +12,21 @@ import sys
 from .errors import UserError
 
 
+def _cmd_prepare(args) -> None:
+    from .data import describe_data_dir, prepare, verify_data_dir
+
+    if args.source:
+        prepare(args.source, args.out, name=args.name, split=args.split, text_field=args.text_field,
+                shard_size=args.shard_size, val_tokens=args.val_tokens, num_workers=args.workers,
+                overwrite=args.overwrite)
+    elif not args.verify:
+        raise UserError("nothing to do: pass --source SRC [SRC ...], or --verify to check an existing --out DIR")
+    if args.verify:
+        verify_data_dir(args.out)
+        print(f"verified the sha256 of every shard in {args.out}")
+    print(describe_data_dir(args.out))
+
+
 def _cmd_train(args) -> None:
     from .config import load_train_config
     from .train import train
@@ -83,6 +98,21 @@ def _cmd_push(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2repro", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="tokenise documents into uint16 shards + manifest; rerunning resumes")
+    p.add_argument("--source", nargs="+", metavar="SRC",
+                   help="Hugging Face dataset id (streamed), or local .txt (one document per file), .jsonl, "
+                        ".jsonl.xz, .jsonl.gz or .parquet files, or directories of them")
+    p.add_argument("--out", required=True, help="data directory to write (manifest.json, {val,train}_NNNNNN.npy)")
+    p.add_argument("--name", help="configuration of a Hub dataset, e.g. sample-10BT")
+    p.add_argument("--split", default="train", help="split of a Hub dataset (default train)")
+    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet/Hub records (default text)")
+    p.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard file (default 100,000,000)")
+    p.add_argument("--val-tokens", type=int, default=10_000_000, help="tokens taken first for the val split (default 10,000,000)")
+    p.add_argument("--workers", type=int, help="tokeniser processes (default: the CPU count)")
+    p.add_argument("--overwrite", action="store_true", help="replace a data directory prepared with other settings")
+    p.add_argument("--verify", action="store_true", help="afterwards check every shard's sha256 against the manifest")
+    p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("train", help="train (or resume) a run; works under `accelerate launch` on any number of GPUs")
     p.add_argument("--preset", default="gpt2-124M", help="gpt2-124M (default), gpt3-124M, gutenberg-short or tiny")
