@@ -249,7 +249,9 @@ TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     "gpt3-124M": lambda: TrainConfig(
         model=GPTConfig(block_size=2048), seq_len=2048, micro_batch_size=32, mixed_precision="bf16", hellaswag="auto"
     ),
-    # 300 steps of the 124M recipe on the Gutenberg books, in file order, validated on 20 windows of 64 x 1024.
+    # 300 steps of the 124M recipe on the Gutenberg books, in file order, validated on 20 windows of 64 x 1024,
+    # on data prepared with the validation books first:
+    #   gpt2repro prepare --source gutenberg_val.jsonl.xz gutenberg_train.jsonl.xz --val-tokens 2366956 --out DIR
     "gutenberg-short": lambda: TrainConfig(
         mixed_precision="bf16", warmup_steps=30, max_steps=300, shuffle=False,
         val_every=50, val_batches=20, hellaswag_every=0, sample_every=0, checkpoint_every=0,

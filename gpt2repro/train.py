@@ -345,6 +345,7 @@ class Trainer:
         self._install_sigterm_handler()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not self.is_main,
                    dynamic_ncols=True, leave=False)
+        started = time.perf_counter()
         steps_this_run, step_times = 0, []
         timer_start, steps_timed = None, 0
         while self.step < cfg.max_steps:
@@ -378,7 +379,7 @@ class Trainer:
                 step_ms = 1000 * (now - timer_start) / steps_timed
                 timer_start, steps_timed = now, 0
                 step_times.append(step_ms)
-                self._log_step(bar, loss, grad_norm, step_ms, step_times, stats.skipped)
+                self._log_step(bar, loss, grad_norm, step_ms, step_times, stats.skipped, now - started)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)) and cfg.on_nonfinite == "stop":
                     previous = latest_checkpoint(self.checkpoint_root)
                     raise UserError(
@@ -399,7 +400,8 @@ class Trainer:
         if cfg.log_with:
             acc.end_training()
 
-    def _log_step(self, bar, loss: float, grad_norm: float, step_ms: float, step_times: list, skipped: bool) -> None:
+    def _log_step(self, bar, loss: float, grad_norm: float, step_ms: float, step_times: list, skipped: bool,
+                  elapsed: float) -> None:
         cfg = self.cfg
         tokens_per_sec = cfg.total_batch_size / (step_ms / 1000)
         mfu = None
@@ -408,6 +410,7 @@ class Trainer:
         record = {
             "step": self.step - 1, "train_loss": loss, "lr": get_lr(self.step - 1, cfg), "grad_norm": grad_norm,
             "ms": step_ms, "tokens_per_sec": tokens_per_sec, "mfu": mfu, "tokens": self.tokens_seen,
+            "elapsed_s": elapsed,  # wall time of this invocation so far, compilation and evaluation included
         }
         if skipped:
             record["skipped"] = True

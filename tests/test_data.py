@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from corpus import DATA_DIR as SHARED_DATA
 from gpt2repro import data
 from gpt2repro.config import EOT_TOKEN
 from gpt2repro.data import (
@@ -32,7 +33,6 @@ from gpt2repro.tokenizer import get_encoding
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GUTENBERG_VAL = SHARED_DATA / "gutenberg_val.jsonl.xz"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
@@ -135,7 +135,7 @@ def test_shards_hold_every_documents_tokens_after_one_eot(gutenberg_dir):
 def test_manifest_counts_and_sha256_match_the_files(gutenberg_dir):
     manifest = read_manifest(gutenberg_dir)
     assert manifest["tokenizer"] == TOKENIZER and manifest["complete"]
-    assert manifest["source"]["sources"] == [str(GUTENBERG_VAL)]
+    assert manifest["source"]["sources"] == [str(GUTENBERG_VAL.resolve())]
     for entry in manifest["shards"]:
         path = gutenberg_dir / entry["file"]
         tokens = np.load(path, mmap_mode="r")

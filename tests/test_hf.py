@@ -5,12 +5,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
+from corpus import DATA_DIR as SHARED_DATA
 from gpt2repro import GPT, GPTConfig
 from gpt2repro.errors import UserError
 from gpt2repro.hf import HF_FILES, save_hf
 from gpt2repro.tokenizer import get_encoding
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def tiny_hf_model(vocab_size=50257, seed=0) -> GPT2LMHeadModel:

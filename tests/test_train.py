@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from corpus import DATA_DIR as SHARED_DATA
 from gpt2repro.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from gpt2repro.config import GPTConfig, load_train_config
 from gpt2repro.data import prepare
@@ -17,7 +18,6 @@ from gpt2repro.model import GPT
 from gpt2repro.train import Trainer, get_lr, train
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 # a small model with the real tokenizer: fast on 2 CPU cores, same code paths as the 124M recipe
 SMALL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "seq_len=32",
          "micro_batch_size=4", "total_batch_size=512", "warmup_steps=2", "val_batches=4", "num_samples=1",
