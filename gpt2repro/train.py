@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -70,6 +70,14 @@ def resolve_mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def use_cpu() -> bool:
+    """Train on the CPU: asked for by the launcher (`use_cpu: true`), or no GPU to train on.
+
+    Decided before the first `PartialState`, which picks the process-group backend (gloo on CPU).
+    """
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
 def _format_duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 3600:
@@ -93,13 +101,14 @@ class Trainer:
         self.cfg = cfg
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        world_size = PartialState().num_processes
+        world_size = PartialState(cpu=use_cpu()).num_processes
         self.grad_accum_steps = cfg.grad_accum_steps(world_size)  # refuses batch sizes that do not divide
         trackers = None
         if cfg.log_with:
             trackers = "all" if cfg.log_with == "all" else [cfg.log_with]
         self.accelerator = Accelerator(
             gradient_accumulation_steps=self.grad_accum_steps,
+            cpu=use_cpu(),
             mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
             log_with=trackers,
             project_dir=str(self.run_dir) if self.run_dir is not None else None,
@@ -443,7 +452,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path) -> Trainer:
     """Train (or resume) a run; returns the finished Trainer."""
-    state = PartialState()
+    state = PartialState(cpu=use_cpu())
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
                         format="%(message)s", stream=sys.stdout, force=True)
     trainer = Trainer(cfg, data_dir, run_dir)

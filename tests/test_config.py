@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from gpt2repro.__main__ import main
 from gpt2repro.config import TRAIN_PRESETS, GPTConfig, TrainConfig, load_train_config
 from gpt2repro.errors import UserError
 from gpt2repro.train import get_lr
@@ -24,6 +25,8 @@ def test_gpt2_124m_preset_is_the_reference_recipe():
 def test_tiny_preset_batch_divides_over_one_two_and_four_processes():
     cfg = load_train_config("tiny")
     assert [cfg.grad_accum_steps(w) for w in (1, 2, 4)] == [4, 2, 1]
+    assert 2 <= cfg.model.n_layer <= 4 and cfg.model.n_embd <= 256 and 64 <= cfg.seq_len <= 128
+    assert not cfg.compile  # a few CPU minutes must not go to compilation
 
 
 def test_get_lr_follows_warmup_then_cosine_then_floor():
@@ -48,6 +51,36 @@ def test_overrides_apply_in_order_with_types_checked(tmp_path):
         load_train_config("tiny", None, ["max_steps=many"])
     with pytest.raises(UserError, match="unknown config key 'max_lrr'"):
         load_train_config("tiny", None, ["max_lrr=1"])
+
+
+def test_train_command_applies_preset_then_config_file_then_every_set(tmp_path, monkeypatch):
+    import gpt2repro.train
+
+    received = {}
+    monkeypatch.setattr(gpt2repro.train, "train", lambda cfg, data, out: received.update(cfg=cfg, data=data, out=out))
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("max_lr: 1e-3\nmax_steps: 70\nmodel:\n  n_layer: 2\n")
+    assert main(["train", "--preset", "tiny", "--data", "DATA", "--out", "RUN", "--config", str(yaml_file),
+                 "--set", "max_lr=2e-3", "model.n_embd=64", "--set", "seed=5"]) == 0
+    cfg = received["cfg"]
+    assert (received["data"], received["out"]) == ("DATA", "RUN")
+    assert (cfg.max_lr, cfg.max_steps, cfg.model.n_layer, cfg.model.n_embd, cfg.seed) == (2e-3, 70, 2, 64, 5)
+    assert cfg.seq_len == load_train_config("tiny").seq_len  # untouched fields keep the preset's value
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--preset", "gpt5"], "unknown preset 'gpt5'"),
+    (["--set", "max_lrr=1"], "unknown config key 'max_lrr'"),
+    (["--set", "max_steps"], "--set expects key=value, got 'max_steps'"),
+    (["--config", "no_such_file.yaml"], "config file no_such_file.yaml does not exist"),
+    (["--set", "micro_batch_size=3"], "not a multiple of micro_batch_size * seq_len"),
+], ids=["preset", "key", "malformed-set", "missing-yaml", "batch"])
+def test_train_command_reports_a_bad_config_in_one_line(tmp_path, capsys, args, fragment):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path), "--out", str(run), *args]) == 2
+    error = capsys.readouterr().err
+    assert len(error.splitlines()) == 1 and fragment in error, error
+    assert not run.exists()
 
 
 def test_invalid_config_reports_every_problem_at_once():

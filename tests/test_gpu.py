@@ -13,7 +13,7 @@ from corpus import DATA_DIR as SHARED_DATA
 from gpt2repro import GPT, GPTConfig
 from gpt2repro.checkpoint import list_checkpoints
 from gpt2repro.config import load_train_config
-from gpt2repro.data import prepare
+from gpt2repro.data import TokenLoader, prepare
 from gpt2repro.train import Trainer, train
 
 pytestmark = pytest.mark.gpu
@@ -39,6 +39,11 @@ def test_bf16_logits_match_gpt2lmheadmodel_on_gpu():
         hf_logits = hf(idx).logits.float()
     relative = (ours_logits - hf_logits).norm() / hf_logits.norm()
     assert relative < 1e-2  # bf16 operands: expected between 1e-3 and 1e-2
+
+
+def test_loader_batches_are_pinned_for_non_blocking_copies(data_dir):
+    x, y = TokenLoader(data_dir, "train", 4, 64).next_batch()
+    assert x.is_pinned() and y.is_pinned() and x.dtype == torch.int64
 
 
 def test_optimizer_is_fused_adamw_on_gpu():

@@ -1,5 +1,7 @@
 import json
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -8,9 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from corpus import DATA_DIR as SHARED_DATA
-from gpt2repro.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from gpt2repro import checkpoint
+from gpt2repro.__main__ import main
+from gpt2repro.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from gpt2repro.config import GPTConfig, load_train_config
 from gpt2repro.data import prepare
 from gpt2repro.errors import UserError
@@ -22,6 +27,20 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "seq_len=32",
          "micro_batch_size=4", "total_batch_size=512", "warmup_steps=2", "val_batches=4", "num_samples=1",
          "sample_max_new_tokens=8", "seed=7"]
+
+
+def model_keys(config: GPTConfig) -> set[str]:
+    """The GPT's own parameter names; the output head is tied to wte and stored once."""
+    return set(GPT(config).state_dict()) - {"lm_head.weight"}
+
+
+def assert_plain_safetensors(path: Path) -> None:
+    """An 8-byte header length, a JSON header of tensor offsets, and raw tensor bytes: nothing else."""
+    raw = path.read_bytes()
+    header_length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_length])
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    assert 8 + header_length + max(ends, default=0) == len(raw), path.name
 
 
 def small_config(*overrides: str):
@@ -38,6 +57,15 @@ def data_dir(tmp_path_factory) -> Path:
 def losses(run: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+
+def val_losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+
+
+def step_lines(output: str) -> list[str]:
+    return re.findall(r"^step +\d+ \| loss .*$", output, flags=re.M)
 
 
 def run_cli(*args: str, launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -60,15 +88,17 @@ def test_gradient_accumulation_matches_one_big_micro_batch():
         assert trainer.grad_accum_steps == steps
         before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
         loss = trainer.accumulate_gradients([(x[i:i + micro_batch], y[i:i + micro_batch]) for i in range(0, 8, micro_batch)])
+        assert trainer.accelerator.sync_gradients  # the last micro-step syncs, so clipping sees the whole step
         grads = {n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()}
         trainer.apply_update()
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == [get_lr(0, cfg)] * 2
         results.append((before, loss, grads, {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}))
     (before_a, loss_a, grads_a, after_a), (before_b, loss_b, grads_b, after_b) = results
     for name in before_a:
         assert torch.equal(before_a[name], before_b[name])  # same initial weights
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=0)
     for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6 * grads_a[name].abs().max().item())
+        assert (grads_b[name] - grads_a[name]).norm() <= 1e-6 * grads_a[name].norm(), name
     # Adam's first step is lr * g / (|g| + eps): where |g| is near eps (attention keys at init) it amplifies
     # float rounding of g, so the updates agree to 1e-3 of the learning rate rather than to 1e-6
     lr = get_lr(0, small_config())
@@ -79,40 +109,54 @@ def test_gradient_accumulation_matches_one_big_micro_batch():
 
 
 def test_resumed_run_logs_bit_identical_losses(data_dir, tmp_path):
-    common = ("max_steps=6", "checkpoint_every=2", "val_every=3", "sample_every=3")
+    common = ("max_steps=6", "checkpoint_every=2", "val_every=3", "sample_every=3", "keep_checkpoints=2",
+              "pin_checkpoints=[2]")
     train(small_config(*common), data_dir, tmp_path / "straight")
     train(small_config(*common, "stop_after_steps=3"), data_dir, tmp_path / "resumed")
     assert sorted(list_checkpoints(tmp_path / "resumed" / "checkpoints")) == [2, 3]
     assert max(losses(tmp_path / "resumed")) == 2
-    train(small_config(*common), data_dir, tmp_path / "resumed")
+    resumed_trainer = train(small_config(*common), data_dir, tmp_path / "resumed")
+    # a restart from scratch would log the same losses: make sure this one continued from step 3
+    assert resumed_trainer.resumed_from == tmp_path / "resumed" / "checkpoints" / "step_000003"
+    # the newest two are kept, and step 2 because it is pinned; step 3 went when step 6 was written
+    assert sorted(list_checkpoints(tmp_path / "resumed" / "checkpoints")) == [2, 4, 6]
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert list(straight) == list(range(6))
     assert resumed == straight  # exact float equality, every step
-    val = [json.loads(l) for l in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines() if "val_loss" in l]
-    assert [r["step"] for r in val] == [0, 3, 5]
+    assert val_losses(tmp_path / "resumed") == val_losses(tmp_path / "straight")
+    assert list(val_losses(tmp_path / "straight")) == [0, 3, 5]
 
 
 def test_two_cpu_processes_log_the_same_losses_as_one(data_dir, tmp_path):
     settings = ["--preset", "tiny", "--data", str(data_dir), "--set", *SMALL, "max_steps=4", "val_every=2",
                 "sample_every=0", "checkpoint_every=0"]
-    run_cli("train", "--out", str(tmp_path / "one"), *settings)
+    single = run_cli("train", "--out", str(tmp_path / "one"), *settings)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29517"]
-    run_cli("train", "--out", str(tmp_path / "two"), *settings, launcher=launcher)
+    double = run_cli("train", "--out", str(tmp_path / "two"), *settings, launcher=launcher)
+    for run, world_size in (("one", 1), ("two", 2)):
+        state = json.loads((tmp_path / run / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
+        assert state["world_size"] == world_size and len(state["rng"]) == world_size  # one RNG state per rank
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert list(one) == list(two) == [0, 1, 2, 3]
     for step in one:
         assert abs(one[step] - two[step]) / one[step] < 1e-4
-    val = lambda run: [json.loads(l)["val_loss"] for l in (run / "log.jsonl").read_text().splitlines() if "val_loss" in l]
-    assert len(val(tmp_path / "one")) == 3  # steps 0, 2 and the last, 3
-    for a, b in zip(val(tmp_path / "one"), val(tmp_path / "two")):
-        assert abs(a - b) / a < 1e-4
+    assert list(val_losses(tmp_path / "one")) == list(val_losses(tmp_path / "two")) == [0, 2, 3]  # 3: the last step
+    for step, loss in val_losses(tmp_path / "one").items():
+        assert abs(loss - val_losses(tmp_path / "two")[step]) / loss < 1e-4
+    assert len(step_lines(single.stdout)) == len(step_lines(double.stdout)) == 4  # rank 0 alone prints
+    with safe_open(tmp_path / "two" / "checkpoints" / "step_000004" / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == model_keys(small_config().model)  # saved unwrapped: no "module." prefix
 
 
 def test_run_directory_holds_log_samples_checkpoints_and_exports_to_a_pipeline(data_dir, tmp_path):
     run = tmp_path / "run"
-    run_cli("train", "--preset", "tiny", "--data", str(data_dir), "--out", str(run),
-            "--set", *SMALL, "max_steps=3", "sample_every=2", "checkpoint_every=2")
+    result = run_cli("train", "--preset", "tiny", "--data", str(data_dir), "--out", str(run),
+                     "--set", *SMALL, "max_steps=3", "sample_every=2", "checkpoint_every=2")
+    lines = step_lines(result.stdout)
+    assert [int(line.split()[1]) for line in lines] == [0, 1, 2]
+    for line in lines:
+        assert re.search(r"\| lr [\d.e+-]+ \| norm [\d.]+ \| +[\d.]+ ms \| +[\d,]+ tok/s .*\| ETA \d+m\d\ds", line), line
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     step_record = next(r for r in records if "train_loss" in r)
     assert {"step", "train_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= step_record.keys()
@@ -127,24 +171,49 @@ def test_run_directory_holds_log_samples_checkpoints_and_exports_to_a_pipeline(d
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
 
 
-def test_checkpoint_holds_no_pickle_and_bad_checkpoints_fail_in_one_line(data_dir, tmp_path):
+def test_checkpoint_holds_no_pickle_and_bad_checkpoints_fail_in_one_line(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     train(small_config("max_steps=4", "checkpoint_every=2", "val_every=0", "sample_every=0"), data_dir, run)
     path = latest_checkpoint(run / "checkpoints")
     assert path.name == "step_000004"
+    assert {f.name for f in path.iterdir()} >= {"config.json", "model.safetensors", "optimizer.safetensors"}
     for file in path.iterdir():
-        head = file.read_bytes()[:8]
         assert file.suffix in (".json", ".safetensors"), file.name
-        assert not head.startswith((b"\x80", b"PK")), f"{file.name} looks like a pickle or torch.save archive"
         if file.suffix == ".json":
             json.loads(file.read_text())
+        else:
+            assert_plain_safetensors(file)
+    with safe_open(path / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == model_keys(small_config().model)  # no "module." or "_orig_mod." prefix
     state = json.loads((path / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["tokens_seen"] == 4 * 512 and len(state["rng"]) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint must load without pickle")
+
+    cfg = small_config()
+    model = GPT(cfg.model)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr)
+    with pytest.MonkeyPatch.context() as patch:
+        for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+            patch.setattr(module, name, refuse)
+        assert latest_checkpoint(run / "checkpoints") == path
+        load_checkpoint(path, model, optimizer)
+    with safe_open(path / "model.safetensors", "pt") as f:
+        assert torch.equal(model.transformer.wte.weight, f.get_tensor("transformer.wte.weight"))
+    assert len(optimizer.state) == len(list(model.parameters()))  # AdamW moments restored for every tensor
 
     other = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=3, n_head=2, n_embd=32))
     with pytest.raises(UserError, match="was written for") as err:
         load_checkpoint(path, other)
     assert "\n" not in str(err.value)
+    # resuming the run with another shape: one line from the command, the checkpoint untouched
+    capsys.readouterr()
+    assert main(["train", "--preset", "tiny", "--data", str(data_dir), "--out", str(run),
+                 "--set", *SMALL, "model.n_layer=3", "max_steps=6"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.splitlines()) == 1 and "was written for" in error and "n_layer=3" in error, error
+    assert latest_checkpoint(run / "checkpoints") == path
 
     run_cli("export", str(path), "--out", str(tmp_path / "ok"))  # intact: exports
     weights = path / "model.safetensors"
@@ -157,6 +226,40 @@ def test_checkpoint_holds_no_pickle_and_bad_checkpoints_fail_in_one_line(data_di
     assert not (tmp_path / "bad").exists()
 
 
+def test_only_the_newest_checkpoints_and_pinned_ones_are_kept(tmp_path):
+    model = GPT(small_config().model)
+    optimizer = model.configure_optimizers(0.1, 1e-3)
+    root = tmp_path / "checkpoints"
+    for step in range(1, 7):
+        save_checkpoint(root, step, model, optimizer, {"step": step}, keep=2, pinned=(1, 3))
+    assert sorted(p.name for p in root.iterdir()) == [f"step_{s:06d}" for s in (1, 3, 5, 6)]
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    cfg = small_config()
+    model = GPT(cfg.model)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr)
+    root = tmp_path / "checkpoints"
+    first = save_checkpoint(root, 1, model, optimizer, {"step": 1})
+    files = {p.name: p.read_bytes() for p in first.iterdir()}
+    original = checkpoint._write_json
+
+    def crash_on_trainer_state(path, obj):
+        if path.name == "trainer_state.json":
+            raise KeyboardInterrupt  # as if the job were killed between two files
+        original(path, obj)
+
+    monkeypatch.setattr(checkpoint, "_write_json", crash_on_trainer_state)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, 2, model, optimizer, {"step": 2}, keep=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in root.iterdir()) == ["step_000001", "step_000002.tmp"]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == files
+    assert latest_checkpoint(root) == first
+    save_checkpoint(root, 2, model, optimizer, {"step": 2}, keep=1)  # the next save replaces the leftovers
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002"]
+
+
 def test_truncated_checkpoint_is_ignored_in_favour_of_the_previous(data_dir, tmp_path):
     run = tmp_path / "run"
     train(small_config("max_steps=4", "checkpoint_every=2", "val_every=0", "sample_every=0"), data_dir, run)
@@ -167,7 +270,8 @@ def test_truncated_checkpoint_is_ignored_in_favour_of_the_previous(data_dir, tmp
     (root / "step_000006.tmp").mkdir()  # an interrupted write never counts
     assert latest_checkpoint(root) == root / "step_000002"
     # resuming continues from step 2 and rewrites the damaged step 4
-    train(small_config("max_steps=4", "checkpoint_every=2", "val_every=0", "sample_every=0"), data_dir, run)
+    trainer = train(small_config("max_steps=4", "checkpoint_every=2", "val_every=0", "sample_every=0"), data_dir, run)
+    assert trainer.resumed_from == root / "step_000002"
     assert latest_checkpoint(root) == newest
     assert json.loads((newest / "trainer_state.json").read_text())["step"] == 4
 
