@@ -502,6 +502,8 @@ def read_manifest(data_dir, require_complete: bool = True) -> dict:
         raise UserError(f"{path} is not a readable data manifest ({_first_line(e)})") from None
     if format_ != FORMAT:
         raise UserError(f"{path} has format {format_!r}, not {FORMAT!r}")
+    if not isinstance(tokenizer, dict):  # other tools record just a name
+        tokenizer = {"id": tokenizer}
     if tokenizer.get("id") != TOKENIZER_ID or tokenizer.get("bpe_sha256") != BPE_SHA256:
         raise UserError(f"{path} was made with tokenizer {tokenizer.get('id')!r} (BPE sha256 "
                         f"{str(tokenizer.get('bpe_sha256'))[:12]}...), not GPT-2's; prepare the data again")

@@ -3,6 +3,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -198,7 +199,20 @@ def test_interrupted_prepare_resumes_to_the_uninterrupted_output(shakespeare_jso
         TokenLoader(out, "train", B, T)
 
     monkeypatch.undo()
+    before = {name: (out / name).stat() for name in saved}
+    rewritten = []
+
+    def record(path, tokens):
+        rewritten.append(path.name)
+        return save_shard(path, tokens)
+
+    monkeypatch.setattr(data, "save_shard", record)
     prepare([str(shakespeare_jsonl)], out, **settings)
+    monkeypatch.undo()
+    # it resumed: the shards finished before the crash were neither rewritten nor touched
+    assert rewritten == [e["file"] for e in reference["shards"]][len(saved):]
+    for name, stat in before.items():
+        assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
     resumed = read_manifest(out)
     assert resumed["shards"] == reference["shards"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json"] + [e["file"] for e in reference["shards"]])
@@ -206,6 +220,41 @@ def test_interrupted_prepare_resumes_to_the_uninterrupted_output(shakespeare_jso
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     prepare([str(shakespeare_jsonl)], out, **settings)  # complete: nothing to do
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_prepare_shows_a_progress_bar_in_tokens_with_documents_per_second(shakespeare_jsonl, tmp_path, capsys):
+    out = prepare([str(shakespeare_jsonl)], tmp_path / "data", shard_size=100_000, val_tokens=10_000, num_workers=1,
+                  progress=True)
+    total = sum(e["tokens"] for e in read_manifest(out)["shards"])
+    final = capsys.readouterr().err.split("\r")[-1]
+    counted = re.search(r"([\d.]+)([kM]?)tok ", final)
+    assert counted, final
+    shown = float(counted.group(1)) * {"": 1, "k": 1e3, "M": 1e6}[counted.group(2)]
+    assert shown == pytest.approx(total, rel=0.01)  # the bar counts tokens, not documents or groups
+    assert re.search(r"tok/s", final) and re.search(r"[\d,]+ docs/s", final), final
+
+
+def test_hub_dataset_is_streamed_through_datasets(tmp_path, monkeypatch):
+    import datasets
+    from huggingface_hub import constants
+
+    texts = [s for s in SHAKESPEARE.read_text().split("\n\n") if s.strip()][:30]
+    calls = []
+
+    def load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return ({"text": t, "id": i} for i, t in enumerate(texts))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(data, "_check_reachable", lambda endpoint, where: None)
+    out = prepare(["HuggingFaceFW/fineweb-edu"], tmp_path / "data", name="sample-10BT", shard_size=500,
+                  val_tokens=700, num_workers=1)
+    # streamed, never downloaded whole: 10B tokens of text need not fit on disk or in memory
+    assert calls and set(calls) == {("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)}
+    np.testing.assert_array_equal(shard_tokens(out), expected_stream(texts))
+    assert read_manifest(out)["source"]["sources"] == ["HuggingFaceFW/fineweb-edu"]
 
 
 def test_other_settings_need_overwrite(shakespeare_jsonl, tmp_path):
@@ -304,6 +353,32 @@ def test_one_epoch_visits_every_window_once_keeping_documents_whole(synthetic_di
         window = torch.cat([x.flatten(), y.flatten()[-1:]]).tolist()
         for previous, token in zip(window, window[1:]):
             assert token == EOT_TOKEN or token not in predecessor or predecessor[token] == previous
+
+
+def test_documents_inside_a_single_shard_are_reordered_every_epoch(tmp_path):
+    shard, val = unique_token_shards([40 * BT + 1, 10 * BT + 1])
+    one_shard = write_data_dir(tmp_path / "one", [("val", val), ("train", shard)])
+    loader = TokenLoader(one_shard, "train", B, T, seed=7)
+    first, second = epoch_windows(loader), epoch_windows(loader)
+    in_file_order = window_ids(classic_windows([shard], loader.windows_per_epoch))
+    # with one shard there is no shard order to permute: any change comes from the documents
+    assert len({tuple(window_ids(first)), tuple(window_ids(second)), tuple(in_file_order)}) == 3
+
+
+def test_shards_are_only_ever_memory_mapped(synthetic_dir, monkeypatch):
+    modes = []
+    load = np.load
+
+    def recording_load(*args, **kwargs):
+        modes.append(kwargs.get("mmap_mode"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(np, "load", recording_load)
+    loader = TokenLoader(synthetic_dir, "train", B, T, seed=3)
+    epoch_windows(loader)
+    TokenLoader(synthetic_dir, "train", B, T, shuffle=False).next_batch()
+    validation_batches(synthetic_dir, B, T, num_batches=3)
+    assert len(modes) >= 3 and set(modes) == {"r"}
 
 
 def test_two_epochs_differ_in_order_not_content(synthetic_dir, train_shards):
@@ -484,3 +559,23 @@ def test_bad_sources_fail_in_one_line_before_writing_anything(tmp_path):
                              "broken.jsonl:3: not valid JSON")
     assert not list(out.glob("*.npy*")) and not read_manifest(out, require_complete=False)["complete"]
     assert_fails_in_one_line(run_cli("--out", str(tmp_path / "missing"), "--verify"), "does not exist")
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (edit_manifest(lambda m: m["tokenizer"].update(bpe_sha256="0" * 64)), "(BPE sha256 000000000000...), not GPT-2's"),
+    (edit_manifest(lambda m: m.update(tokenizer="cl100k_base")), "made with tokenizer 'cl100k_base'"),
+    (lambda data_dir: None, "the val split of"),
+], ids=["other-bpe", "other-tokenizer-by-name", "val-smaller-than-one-batch"])
+def test_train_refuses_unusable_data_in_one_line_before_writing(synthetic_dir, tmp_path, capsys, damage, fragment):
+    from gpt2repro.__main__ import main
+
+    # the tiny preset's 8 x 128 windows fit the train split (1 window) but not the 321-token val split
+    damaged = damaged_copy(synthetic_dir, tmp_path / "data", damage)
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(damaged), "--out", str(run),
+                 "--set", "model.n_layer=2", "model.n_embd=32", "model.n_head=2"]) != 0
+    error = capsys.readouterr().err
+    assert len(error.splitlines()) == 1 and fragment in error, error
+    if "val" in fragment:
+        assert "too small for one 8 x 128 batch (1,025 tokens)" in error and "--val-tokens" in error
+    assert not run.exists()
