@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -267,26 +268,40 @@ def save_hf(
     """Write a directory `transformers` loads as is: weights, config, generation config, tokenizer, card.
 
     Written into a temporary sibling and renamed, so a failure never leaves a half-written export.
+    An existing out_dir is replaced only when it holds nothing but an earlier export's files: it
+    could be a run, a checkpoint or a clone of a Hub repository, none of which may be deleted.
     """
     from transformers import GenerationConfig
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    hf_model = gpt_to_hf(model)
-    hf_model.generation_config = GenerationConfig(
-        bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, pad_token_id=EOT_TOKEN,
-        do_sample=True, top_k=50,
-    )
-    hf_model.save_pretrained(tmp, safe_serialization=True)
-    write_tokenizer_files(tmp, model_max_length=model.config.block_size)
-    card = model_card(model, train_config, metrics, model_name=model_name or out_dir.name)
-    (tmp / "README.md").write_text(card)
+    out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+        if not out_dir.is_dir():
+            raise UserError(f"{out_dir} exists and is not a directory; choose another output directory")
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in HF_FILES)
+        if foreign:
+            raise UserError(
+                f"{out_dir} already holds files that are not part of an export ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); choose another output directory"
+            )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        hf_model = gpt_to_hf(model)
+        hf_model.generation_config = GenerationConfig(
+            bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, pad_token_id=EOT_TOKEN,
+            do_sample=True, top_k=50,
+        )
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        write_tokenizer_files(tmp, model_max_length=model.config.block_size)
+        card = model_card(model, train_config, metrics, model_name=model_name or out_dir.name)
+        (tmp / "README.md").write_text(card)
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export is an ordinary directory
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir
 
 

@@ -285,11 +285,15 @@ def test_malformed_jsonl_line_is_reported_with_its_line_number(tmp_path):
         read_hellaswag(path)
 
 
-def test_an_ending_list_that_is_not_four_long_is_refused(tmp_path):
-    path = tmp_path / "hs.jsonl"
-    path.write_text(json.dumps({"ctx": "A man", "endings": ["a", "b", "c"], "label": 0}) + "\n")
-    with pytest.raises(UserError, match=r"hs\.jsonl:1: 'endings' must be a list of 4 strings, got a list of 3"):
+@pytest.mark.parametrize("endings, got", [(["a", "b", "c"], "a list of 3"), (["a", "b", "c", "d", "e"], "a list of 5"),
+                                          ("abcd", "str"), (["a", "b", "c", 4], "a list of 4")])
+def test_an_ending_list_that_is_not_four_strings_is_refused_in_one_line(tmp_path, endings, got):
+    path = write_hellaswag(tmp_path / "hs.jsonl", n=2)
+    with open(path, "a") as f:
+        f.write(json.dumps({"ctx": "A man", "endings": endings, "label": 0}) + "\n")
+    with pytest.raises(UserError, match=rf"hs\.jsonl:3: 'endings' must be a list of 4 strings, got {got}$") as err:
         read_hellaswag(path)
+    assert "\n" not in str(err.value)
 
 
 def test_cli_eval_bad_hellaswag_file_fails_with_one_line_naming_the_line(export_dir, tmp_path):
@@ -317,6 +321,21 @@ def test_hellaswag_auto_offline_fails_fast_with_one_line_naming_the_cache_path(e
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert str(tmp_path / "hellaswag" / "hellaswag_val.jsonl") in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+
+
+def test_hellaswag_auto_offline_is_refused_before_any_model_is_loaded(tmp_path, monkeypatch, capsys):
+    import gpt2repro.hf
+
+    def load_model(source):
+        raise AssertionError("the model was loaded before the HellaSwag data was checked")
+
+    monkeypatch.setattr(gpt2repro.hf, "load_model", load_model)
+    monkeypatch.setenv("GPT2REPRO_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["eval", "--model", "gpt2", "--hellaswag", "auto", "--split", "train"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(tmp_path / "hellaswag" / "hellaswag_train.jsonl") in err
+    assert not (tmp_path / "hellaswag").exists() or not list((tmp_path / "hellaswag").iterdir())
 
 
 @pytest.fixture
@@ -349,6 +368,19 @@ def test_auto_download_caches_the_file_records_its_sha256_and_reuses_it(hellaswa
     cached.write_text(cached.read_text().replace("a", "b", 1))
     with pytest.raises(UserError, match="does not match its recorded sha256"):
         load_hellaswag("auto", cache_dir=cache)
+
+
+def test_auto_download_serves_the_train_and_unlabelled_test_splits_too(hellaswag_server, tmp_path):
+    write_hellaswag(hellaswag_server / "hellaswag_train.jsonl", n=6, seed=1)
+    write_hellaswag(hellaswag_server / "hellaswag_test.jsonl", n=3, seed=2, labelled=False)
+    cache = tmp_path / "cache"
+    train = load_hellaswag("auto", split="train", cache_dir=cache)
+    test = load_hellaswag("auto", split="test", cache_dir=cache)
+    assert len(train) == 6 and all(ex.label is not None for ex in train)
+    assert len(test) == 3 and all(ex.label is None for ex in test)
+    assert {p.name for p in cache.iterdir()} == {
+        "hellaswag_train.jsonl", "hellaswag_train.jsonl.sha256", "hellaswag_test.jsonl", "hellaswag_test.jsonl.sha256",
+    }
 
 
 def test_unreachable_download_fails_in_one_line_naming_the_cache_path(tmp_path, monkeypatch):
@@ -392,6 +424,21 @@ def test_cli_eval_json_is_one_line_and_checkpoint_and_export_agree(model, export
         outputs.append(json.loads(out))
     assert outputs[0] == outputs[1]
     assert set(outputs[0]) == {"hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n"} and outputs[0]["hellaswag_n"] == 6
+
+
+def test_cli_eval_scores_a_plain_gpt2lmheadmodel_directory_like_transformers_does(examples, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(4)
+    # transformers' defaults (dropout 0.1), saved by transformers alone: no tokenizer files, no card
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    hf.save_pretrained(tmp_path / "plain")
+    data = write_hellaswag(tmp_path / "hs.jsonl")
+    assert main(["eval", "--model", str(tmp_path / "plain"), "--hellaswag", str(data), "--batch-size", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        expected = evaluate_hellaswag(lambda idx: hf(idx).logits, examples, batch_size=3)
+    assert result == expected and result["hellaswag_n"] == len(examples)
 
 
 def test_cli_eval_table_shows_our_scores_beside_the_reference_models(export_dir, tmp_path, capsys):

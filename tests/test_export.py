@@ -156,6 +156,35 @@ def test_plot_writes_a_png_that_decodes_with_both_panels(run_dir, tmp_path):
         assert image.format == "PNG" and width > 1.5 * height  # two panels side by side
 
 
+def drawn_figure(monkeypatch):
+    """Keeps the figure plot_run draws, for inspection after it is saved."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    return figures
+
+
+def test_plot_draws_both_losses_hellaswag_and_the_gpt2_and_gpt3_reference_lines(run_dir, tmp_path, monkeypatch):
+    figures = drawn_figure(monkeypatch)
+    plot_run(run_dir, tmp_path / "curves.png", log_steps=True)
+    [figure] = figures
+    loss_ax, hellaswag_ax = figure.axes[:2]
+    lines = {line.get_label(): line for ax in (loss_ax, hellaswag_ax) for line in ax.get_lines()}
+    records = training_log()
+    val_steps = [r["step"] for r in records if "val_loss" in r and r["step"] > 0]  # step 0 cannot sit on a log axis
+    assert list(lines["validation loss"].get_xdata()) == val_steps
+    assert list(lines["validation loss"].get_ydata()) == [pytest.approx(11.0 - 0.1 * s) for s in val_steps]
+    assert list(lines["train loss"].get_xdata()) == list(range(1, 40))
+    assert list(lines["acc_norm"].get_xdata()) == [20, 39] and "acc" in lines
+    references = {label: line.get_ydata()[0] for label, line in lines.items() if "acc_norm (" in label}
+    assert references == {"GPT-2 124M acc_norm (0.2955)": 0.2955, "GPT-3 Small (124M) acc_norm (0.337)": 0.337}
+    for ax in (loss_ax, hellaswag_ax):
+        assert ax.get_xscale() == "log" and ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+        assert ax.get_legend() is not None
+    assert "run" in figure.get_suptitle()
+
+
 def test_plot_cli_with_log_steps_writes_into_the_run_by_default(run_dir, capsys):
     from PIL import Image
 

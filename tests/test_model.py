@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 
@@ -72,7 +74,7 @@ def test_generation_with_a_fixed_generator_is_reproducible_and_never_samples_pad
     assert int(a.max()) < 50257
 
 
-def test_decay_groups_decay_exactly_the_two_dimensional_tensors():
+def test_decay_groups_decay_exactly_the_two_dimensional_tensors(caplog):
     model = GPT(TINY)
     decay, no_decay = model.decay_groups()
     assert set(decay) == {"transformer.wte.weight", "transformer.wpe.weight"} | {
@@ -80,9 +82,15 @@ def test_decay_groups_decay_exactly_the_two_dimensional_tensors():
     }
     assert all(name.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")) for name in no_decay)
     assert len(no_decay) == 2 * 8 + 2  # per block: 4 linear biases + 2 LayerNorms x (weight, bias); ln_f
-    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
+    with caplog.at_level(logging.INFO, logger="gpt2repro.model"):
+        optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
+    assert not optimizer.defaults["fused"]  # the fused kernel is CUDA-only
+    # wte 50304*16 + wpe 32*16 + 2 blocks * (16*48 + 16*16 + 16*64 + 64*16); 2 * (48+16+64+16 + 2*32) + 32
+    assert 811_520 + 448 == model.num_params()
+    assert "10 decayed tensors (811,520 parameters), 18 non-decayed tensors (448 parameters)" in caplog.text
 
 
 def test_loading_weights_of_another_shape_names_the_mismatch():

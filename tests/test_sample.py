@@ -55,3 +55,33 @@ def test_sample_cli_prints_num_samples_reproducibly_from_a_checkpoint(tmp_path, 
     ]
     assert main(args) == 0
     assert capsys.readouterr().out == first
+
+
+def test_sampling_encodes_the_prompt_once_then_one_token_per_step_from_the_kv_cache():
+    model = tiny_model()
+    forward_lengths = []
+    hook = model.register_forward_pre_hook(lambda module, args: forward_lengths.append(args[0].shape[1]))
+    try:
+        stream_samples(model, "Hello, I'm a language model,", num=2, max_new_tokens=12, write=lambda text: None)
+    finally:
+        hook.remove()
+    # per sample: the 8 prompt tokens once, then only the newest token for each of the 11 further steps
+    assert forward_lengths == ([8] + [1] * 11) * 2
+
+
+def test_sample_cli_flushes_each_piece_to_the_terminal_as_it_is_generated(tmp_path, monkeypatch):
+    save_model_dir(tiny_model(), tmp_path / "ckpt")
+    events = []
+
+    class Terminal:
+        def write(self, text):
+            events.append(("write", text))
+
+        def flush(self):
+            events.append(("flush", None))
+
+    monkeypatch.setattr("sys.stdout", Terminal())
+    assert main(["sample", "--model", str(tmp_path / "ckpt"), "--prompt", "Hello", "--num", "1", "--max-new-tokens", "16"]) == 0
+    writes = [i for i, (kind, _) in enumerate(events) if kind == "write"]
+    assert len(writes) > 10  # the header, then piece by piece, not the whole sample at once
+    assert all(i + 1 < len(events) and events[i + 1][0] == "flush" for i in writes)

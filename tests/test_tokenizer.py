@@ -1,7 +1,13 @@
+import hashlib
+
 import pytest
 
+from corpus import DATA_DIR as SHARED_DATA
+from gpt2repro import tokenizer
 from gpt2repro.errors import UserError
 from gpt2repro.tokenizer import BPE_SHA256, bpe_path, get_encoding, read_bpe
+
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 
 
 def test_known_gpt2_token_ids():
@@ -16,6 +22,36 @@ def test_vendored_bpe_file_is_the_r50k_base_file():
     ranks = read_bpe(bpe_path())
     assert len(ranks) == 50256 and sorted(ranks.values()) == list(range(50256))
     assert BPE_SHA256 == "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+    assert bpe_path().read_bytes() == (SHARED_DATA / "gpt2.tiktoken").read_bytes()
+
+
+def test_encoding_equals_tiktokens_own_gpt2_encoding_built_from_the_vendored_file(tmp_path, monkeypatch):
+    import tiktoken
+    import tiktoken.load
+    import tiktoken_ext.openai_public
+
+    # tiktoken reads its download cache first and checks the file against its own expected hash
+    cache_key = hashlib.sha1(R50K_URL.encode()).hexdigest()
+    (tmp_path / cache_key).write_bytes(bpe_path().read_bytes())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+
+    def no_network(url):
+        raise AssertionError(f"tiktoken tried to download {url}: the cached file did not pass its hash check")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+    reference = tiktoken.Encoding(**tiktoken_ext.openai_public.r50k_base())
+    ours = get_encoding()
+    assert ours.n_vocab == reference.n_vocab and ours.special_tokens_set == reference.special_tokens_set
+    # tiktoken writes the split regex differently (possessive quantifiers); what must agree is the split
+    texts = [
+        (SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8"),
+        "naïve café 😀 世界 1234567 it's we'll THEY'RE <|endoftext|>x",
+        "a  b\t\tc \n\n  d\r\n",
+        "trailing whitespace   ",
+        " \u00a0\u2009x  ",
+    ]
+    for text in texts:
+        assert ours.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all"), text[:40]
 
 
 def test_corrupted_bpe_file_is_refused_in_one_line(tmp_path):
@@ -26,3 +62,28 @@ def test_corrupted_bpe_file_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="is corrupt: sha256") as err:
         read_bpe(corrupt)
     assert "\n" not in str(err.value)
+
+
+@pytest.fixture
+def corrupted_vendored_file(tmp_path, monkeypatch):
+    corrupt = tmp_path / "gpt2.tiktoken"
+    corrupt.write_bytes(bpe_path().read_bytes()[:-1000])  # cut short, as by a broken install
+    monkeypatch.setattr(tokenizer, "bpe_path", lambda: corrupt)
+    tokenizer.mergeable_ranks.cache_clear()
+    tokenizer.get_encoding.cache_clear()
+    yield corrupt
+    tokenizer.mergeable_ranks.cache_clear()
+    tokenizer.get_encoding.cache_clear()
+
+
+def test_a_corrupted_vendored_file_stops_a_command_with_one_line_naming_it(corrupted_vendored_file, tmp_path, capsys):
+    from gpt2repro import GPT, GPTConfig
+    from gpt2repro.__main__ import main
+    from gpt2repro.checkpoint import save_model_dir
+
+    with pytest.raises(UserError, match="is corrupt"):
+        get_encoding()
+    save_model_dir(GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8)), tmp_path / "ckpt")
+    assert main(["sample", "--model", str(tmp_path / "ckpt"), "--num", "1", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"GPT-2 BPE file {corrupted_vendored_file} is corrupt" in err
