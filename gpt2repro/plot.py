@@ -40,8 +40,12 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [by_step[s] for s in steps]
 
 
-def plot_run(run_dir, out=None, log_steps: bool = False) -> Path:
-    """One PNG: train/validation loss beside HellaSwag accuracy with GPT-2 and GPT-3 reference lines."""
+def plot_run(run_dir, out=None, log_steps: bool = False, compare=()) -> Path:
+    """One PNG: train/validation loss beside HellaSwag accuracy with GPT-2 and GPT-3 reference lines.
+
+    `compare` names more run directories drawn on the same axes, one colour per run and the run's
+    directory name in each label, e.g. to set a shuffled run beside a sequential one.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -49,31 +53,45 @@ def plot_run(run_dir, out=None, log_steps: bool = False) -> Path:
 
     from .evaluation import REFERENCE_SCORES
 
-    run_dir = Path(run_dir).expanduser()
-    out = Path(out) if out is not None else run_dir / "curves.png"
-    records = read_log(run_dir)
-    curves = {key: series(records, key) for key in ("train_loss", "val_loss", "hellaswag_acc", "hellaswag_acc_norm")}
-    if log_steps:  # step 0 has no place on a log axis
-        curves = {k: ([s for s in x if s > 0], [v for s, v in zip(x, y) if s > 0]) for k, (x, y) in curves.items()}
-    if not curves["train_loss"][0] and not curves["val_loss"][0]:
-        raise UserError(f"{run_dir / 'log.jsonl'} has no train_loss or val_loss to plot")
-    with_hellaswag = bool(curves["hellaswag_acc_norm"][0] or curves["hellaswag_acc"][0])
+    run_dirs = [Path(r).expanduser() for r in (run_dir, *compare)]
+    out = Path(out) if out is not None else run_dirs[0] / "curves.png"
+    runs = []
+    for path in run_dirs:
+        records = read_log(path)
+        curves = {key: series(records, key) for key in ("train_loss", "val_loss", "hellaswag_acc", "hellaswag_acc_norm")}
+        if log_steps:  # step 0 has no place on a log axis
+            curves = {k: ([s for s in x if s > 0], [v for s, v in zip(x, y) if s > 0]) for k, (x, y) in curves.items()}
+        if not curves["train_loss"][0] and not curves["val_loss"][0]:
+            raise UserError(f"{path / 'log.jsonl'} has no train_loss or val_loss to plot")
+        runs.append((path.resolve().name, curves))
+    with_hellaswag = any(c["hellaswag_acc_norm"][0] or c["hellaswag_acc"][0] for _, c in runs)
 
     fig, axes = plt.subplots(1, 2 if with_hellaswag else 1, figsize=(13 if with_hellaswag else 7, 4.8), squeeze=False)
     loss_ax = axes[0][0]
-    if curves["train_loss"][0]:
-        loss_ax.plot(*curves["train_loss"], color="tab:blue", linewidth=1, alpha=0.8, label="train loss")
-    if curves["val_loss"][0]:
-        loss_ax.plot(*curves["val_loss"], color="tab:orange", linewidth=2, marker="o", markersize=3, label="validation loss")
+    several = len(runs) > 1
+    for i, (name, curves) in enumerate(runs):
+        # one run: a colour per curve; several: a colour per run, its name in the labels
+        prefix = f"{name}: " if several else ""
+        train_color, val_color, hellaswag_color = (f"C{i}",) * 3 if several else ("tab:blue", "tab:orange", "tab:green")
+        if curves["train_loss"][0]:
+            loss_ax.plot(*curves["train_loss"], color=train_color, linewidth=1, alpha=0.5 if several else 0.8,
+                         label=f"{prefix}train loss")
+        if curves["val_loss"][0]:
+            loss_ax.plot(*curves["val_loss"], color=val_color, linewidth=2, marker="o", markersize=3,
+                         label=f"{prefix}validation loss")
+        if with_hellaswag:
+            ax = axes[0][1]
+            if curves["hellaswag_acc_norm"][0]:
+                ax.plot(*curves["hellaswag_acc_norm"], color=hellaswag_color, linewidth=2, marker="o", markersize=3,
+                        label=f"{prefix}acc_norm")
+            if curves["hellaswag_acc"][0]:
+                ax.plot(*curves["hellaswag_acc"], color=hellaswag_color, linewidth=1, linestyle="--", alpha=0.6,
+                        label=f"{prefix}acc")
     loss_ax.set_ylabel("cross-entropy loss (nats per token)")
     loss_ax.set_title("Loss")
 
     if with_hellaswag:
         ax = axes[0][1]
-        if curves["hellaswag_acc_norm"][0]:
-            ax.plot(*curves["hellaswag_acc_norm"], color="tab:green", linewidth=2, marker="o", markersize=3, label="acc_norm")
-        if curves["hellaswag_acc"][0]:
-            ax.plot(*curves["hellaswag_acc"], color="tab:green", linewidth=1, linestyle="--", alpha=0.6, label="acc")
         styles = {"GPT-2 124M": ("tab:red", "-."), "GPT-3 Small (124M)": ("tab:purple", ":")}
         for name, scores in REFERENCE_SCORES.items():
             color, linestyle = styles.get(name, ("gray", "-."))
@@ -89,7 +107,7 @@ def plot_run(run_dir, out=None, log_steps: bool = False) -> Path:
             ax.set_xscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=9)
-    fig.suptitle(f"gpt2repro run {run_dir.resolve().name}", fontsize=13)
+    fig.suptitle(f"gpt2repro run{'s' * several} {' vs '.join(name for name, _ in runs)}", fontsize=13)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".part")  # never leave a half-written image behind

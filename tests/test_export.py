@@ -185,6 +185,22 @@ def test_plot_draws_both_losses_hellaswag_and_the_gpt2_and_gpt3_reference_lines(
     assert "run" in figure.get_suptitle()
 
 
+def test_plot_compare_draws_each_run_in_its_own_colour_with_its_name(tmp_path, monkeypatch):
+    records = [r for r in training_log() if "hellaswag_acc" not in r]
+    write_log(tmp_path / "sequential", records)
+    write_log(tmp_path / "shuffled", [{**r, "val_loss": r["val_loss"] - 0.5} if "val_loss" in r else r for r in records])
+    figures = drawn_figure(monkeypatch)
+    assert main(["plot", str(tmp_path / "sequential"), "--compare", str(tmp_path / "shuffled"),
+                 "--out", str(tmp_path / "both.png")]) == 0
+    [figure] = figures
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    assert set(lines) == {f"{run}: {curve}" for run in ("sequential", "shuffled") for curve in ("train loss", "validation loss")}
+    first, second = lines["sequential: validation loss"], lines["shuffled: validation loss"]
+    assert first.get_color() != second.get_color()
+    assert list(second.get_ydata()) == [pytest.approx(v - 0.5) for v in first.get_ydata()]
+    assert "sequential vs shuffled" in figure.get_suptitle() and (tmp_path / "both.png").stat().st_size > 10_000
+
+
 def test_plot_cli_with_log_steps_writes_into_the_run_by_default(run_dir, capsys):
     from PIL import Image
 
