@@ -177,6 +177,7 @@ def build_hf_tokenizer() -> GPT2TokenizerFast:
         unk_token="<|endoftext|>",
         model_max_length=1024,
         add_prefix_space=False,
+        clean_up_tokenization_spaces=False,  # byte-level BPE decodes exactly; clean-up would drop spaces
     )
 
 
