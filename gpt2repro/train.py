@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import gather_object, parse_flag_from_env
+from accelerate.utils import gather_object, is_tensorboard_available, is_wandb_available, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -35,6 +35,9 @@ from .errors import UserError
 from .model import GPT
 
 logger = logging.getLogger("gpt2repro")
+
+# trackers `log_with` may name, and how to tell that their package is installed
+TRACKERS = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
 
 # dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets); MFU is left out on other devices
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "A10G": 70e12, "L4": 121e12}
@@ -105,6 +108,9 @@ class Trainer:
         self.grad_accum_steps = cfg.grad_accum_steps(world_size)  # refuses batch sizes that do not divide
         trackers = None
         if cfg.log_with:
+            if cfg.log_with in TRACKERS and not TRACKERS[cfg.log_with]():
+                # Accelerate would only warn and log nowhere
+                raise UserError(f"log_with={cfg.log_with} needs the {cfg.log_with} package: pip install {cfg.log_with}")
             trackers = "all" if cfg.log_with == "all" else [cfg.log_with]
         self.accelerator = Accelerator(
             gradient_accumulation_steps=self.grad_accum_steps,

@@ -171,6 +171,27 @@ def test_run_directory_holds_log_samples_checkpoints_and_exports_to_a_pipeline(d
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
 
 
+def test_tensorboard_tracker_receives_the_logged_losses(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(small_config("max_steps=3", "log_with=tensorboard", "val_every=2", "sample_every=0"), data_dir, run)
+    accumulator = EventAccumulator(str(run / run.name))  # Accelerate's tracker writes to RUN/<run name>
+    accumulator.Reload()
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    for key in ("train_loss", "val_loss"):
+        expected = [(r["step"], r[key]) for r in logged if key in r]
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in accumulator.Scalars(key)] == expected
+
+
+def test_a_tracker_that_is_not_installed_is_refused_in_one_line(monkeypatch):
+    from gpt2repro import train as train_module
+
+    monkeypatch.setitem(train_module.TRACKERS, "wandb", lambda: False)
+    with pytest.raises(UserError, match="^log_with=wandb needs the wandb package: pip install wandb$"):
+        Trainer(small_config("log_with=wandb"), data_dir=None, run_dir=None)
+
+
 def test_checkpoint_holds_no_pickle_and_bad_checkpoints_fail_in_one_line(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     train(small_config("max_steps=4", "checkpoint_every=2", "val_every=0", "sample_every=0"), data_dir, run)
