@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -32,20 +31,13 @@ from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
 from .errors import UserError
+from .files import file_sha256
 from .model import GPT
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "gpt2repro"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -193,7 +185,7 @@ def save_checkpoint(
     _write_json(tmp / "optimizer.json", meta)
     _write_json(tmp / "trainer_state.json", trainer_state)
     files = sorted(p.name for p in tmp.iterdir())
-    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
+    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in files}
     _write_json(tmp / "manifest.json", {"format": FORMAT, "step": step, "files": manifest})
     if final.exists():
         shutil.rmtree(final)
@@ -247,7 +239,7 @@ def verify_checkpoint(path: Path, full: bool = True) -> None:
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise UserError(f"checkpoint {path} is corrupt: {name} has {size} bytes, expected {expected['bytes']}")
-        if full and _sha256(file) != expected["sha256"]:
+        if full and file_sha256(file) != expected["sha256"]:
             raise UserError(f"checkpoint {path} is corrupt: {name} does not match its sha256")
 
 

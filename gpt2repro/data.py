@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from .config import EOT_TOKEN, GPT2_VOCAB_SIZE
 from .errors import UserError
+from .files import file_sha256
 from .tokenizer import BPE_SHA256, TOKENIZER_ID, get_encoding
 
 FORMAT = "gpt2repro-tokens-1"
@@ -527,14 +528,6 @@ def _check_size(path: Path, entry: dict) -> None:
         raise UserError(f"shard {path} is truncated or damaged: {size:,} bytes, the manifest says {entry['bytes']:,}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def open_split(data_dir, split: str, vocab_limit: int = GPT2_VOCAB_SIZE, verify: bool = False) -> list[Shard]:
     """The checked shards of one split, in file order (sha256 only with `verify`)."""
     data_dir = Path(data_dir).expanduser()
@@ -557,7 +550,7 @@ def open_split(data_dir, split: str, vocab_limit: int = GPT2_VOCAB_SIZE, verify:
         if entry["max_token"] >= vocab_limit:
             raise UserError(f"shard {path} holds token id {entry['max_token']}, "
                             f"outside the vocabulary of {vocab_limit}")
-        if verify and _sha256(path) != entry["sha256"]:
+        if verify and file_sha256(path) != entry["sha256"]:
             raise UserError(f"shard {path} is corrupt: its sha256 differs from the manifest's")
         shards.append(Shard(path, entry["tokens"], entry["sha256"]))
     return shards

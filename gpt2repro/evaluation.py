@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .config import EOT_TOKEN, GPT2_VOCAB_SIZE
 from .errors import UserError
+from .files import file_sha256
 from .tokenizer import get_encoding
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{name}.jsonl"
@@ -75,14 +76,6 @@ def _offline_variable() -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fetch(url: str, dest: Path, label: str) -> str:
     """Stream url into dest with a progress bar; return the sha256 of what was written."""
     digest = hashlib.sha256()
@@ -109,7 +102,7 @@ def download_hellaswag(split: str = "validation", cache_dir=None) -> Path:
     sidecar = path.with_name(name + ".sha256")
     url = HELLASWAG_URL.format(name=HELLASWAG_SPLITS[split])
     if path.is_file():
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if sidecar.is_file():
             recorded = (sidecar.read_text().split() or [""])[0]
             if recorded != digest:

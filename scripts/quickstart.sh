@@ -28,7 +28,7 @@ if [ -z "$TEXT" ]; then
   if [ ! -s "$TEXT" ]; then
     mkdir -p "$(dirname "$TEXT")"
     URL=https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
-    curl -fsSL --retry 2 -o "$TEXT.part" "$URL" && mv "$TEXT.part" "$TEXT" || {
+    curl -fsL --retry 2 -o "$TEXT.part" "$URL" && mv "$TEXT.part" "$TEXT" || {
       rm -f "$TEXT.part"
       echo "quickstart: cannot download $URL (offline?); run: bash scripts/quickstart.sh PATH_TO_ANY_TEXT_FILE" >&2
       exit 1
