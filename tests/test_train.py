@@ -149,6 +149,40 @@ def test_two_cpu_processes_log_the_same_losses_as_one(data_dir, tmp_path):
         assert set(f.keys()) == model_keys(small_config().model)  # saved unwrapped: no "module." prefix
 
 
+def test_two_machine_ranks_of_multi_node_yaml_train_as_one_job(data_dir, tmp_path):
+    """multi_node.yaml's rendezvous, with each "machine" a CPU process on this host: one 2-process job."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "accelerate_configs" / "multi_node.yaml").read_text())
+    config.update(use_cpu=True, mixed_precision="no")
+    config.pop("gpu_ids")
+    config_file = tmp_path / "multi_node_cpu.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    settings = ["--preset", "tiny", "--data", str(data_dir), "--set", *SMALL, "max_steps=3", "val_every=2",
+                "sample_every=0", "checkpoint_every=0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    machines = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+             "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+             "--main_process_ip", "127.0.0.1", "--main_process_port", "29541",
+             "-m", "gpt2repro", "train", "--out", str(tmp_path / "nodes"), *settings],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [machine.communicate(timeout=600) for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    state = json.loads((tmp_path / "nodes" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    assert len(step_lines(outputs[0][0])) == 3 and not step_lines(outputs[1][0])  # global rank 0 alone prints
+    run_cli("train", "--out", str(tmp_path / "one"), *settings)
+    one, nodes = losses(tmp_path / "one"), losses(tmp_path / "nodes")
+    assert list(one) == list(nodes) == [0, 1, 2]
+    for step in one:
+        assert abs(one[step] - nodes[step]) / one[step] < 1e-4
+
+
 def test_run_directory_holds_log_samples_checkpoints_and_exports_to_a_pipeline(data_dir, tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", "--preset", "tiny", "--data", str(data_dir), "--out", str(run),
