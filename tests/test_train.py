@@ -149,6 +149,23 @@ def test_two_cpu_processes_log_the_same_losses_as_one(data_dir, tmp_path):
         assert set(f.keys()) == model_keys(small_config().model)  # saved unwrapped: no "module." prefix
 
 
+def test_a_checkpoint_written_by_two_processes_resumes_in_one_with_the_same_losses(data_dir, tmp_path):
+    settings = ["--preset", "tiny", "--data", str(data_dir), "--set", *SMALL, "max_steps=4", "val_every=0",
+                "sample_every=0", "checkpoint_every=0"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29519"]
+    run_cli("train", "--out", str(tmp_path / "moved"), *settings, "stop_after_steps=2", launcher=launcher)
+    state = json.loads((tmp_path / "moved" / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    resumed = run_cli("train", "--out", str(tmp_path / "moved"), *settings)
+    assert "resumed from" in resumed.stdout and "step_000002" in resumed.stdout
+    run_cli("train", "--out", str(tmp_path / "one"), *settings)
+    one, moved = losses(tmp_path / "one"), losses(tmp_path / "moved")
+    assert list(one) == list(moved) == [0, 1, 2, 3]
+    for step in one:
+        assert abs(one[step] - moved[step]) / one[step] < 1e-4
+
+
 def test_two_machine_ranks_of_multi_node_yaml_train_as_one_job(data_dir, tmp_path):
     """multi_node.yaml's rendezvous, with each "machine" a CPU process on this host: one 2-process job."""
     import yaml
