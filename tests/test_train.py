@@ -178,18 +178,20 @@ def test_two_machine_ranks_of_multi_node_yaml_train_as_one_job(data_dir, tmp_pat
     settings = ["--preset", "tiny", "--data", str(data_dir), "--set", *SMALL, "max_steps=3", "val_every=2",
                 "sample_every=0", "checkpoint_every=0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    machines = [
-        subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-             "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-             "--main_process_ip", "127.0.0.1", "--main_process_port", "29541",
-             "-m", "gpt2repro", "train", "--out", str(tmp_path / "nodes"), *settings],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [machine.communicate(timeout=600) for machine in machines]
-    assert [machine.returncode for machine in machines] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    logs = [(tmp_path / f"machine{rank}.out", tmp_path / f"machine{rank}.err") for rank in (0, 1)]
+    machines = []
+    for rank, (out, err) in enumerate(logs):  # files, not pipes: neither launcher can block on a full pipe
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            machines.append(subprocess.Popen(
+                [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+                 "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                 "--main_process_ip", "127.0.0.1", "--main_process_port", "29541",
+                 "-m", "gpt2repro", "train", "--out", str(tmp_path / "nodes"), *settings],
+                env=env, cwd=REPO, stdout=stdout, stderr=stderr, text=True,
+            ))
+    codes = [machine.wait(timeout=600) for machine in machines]
+    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
+    assert codes == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     state = json.loads((tmp_path / "nodes" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
     assert len(step_lines(outputs[0][0])) == 3 and not step_lines(outputs[1][0])  # global rank 0 alone prints
