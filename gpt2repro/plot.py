@@ -68,6 +68,7 @@ def plot_run(run_dir, out=None, log_steps: bool = False, compare=()) -> Path:
 
     fig, axes = plt.subplots(1, 2 if with_hellaswag else 1, figsize=(13 if with_hellaswag else 7, 4.8), squeeze=False)
     loss_ax = axes[0][0]
+    hellaswag_ax = axes[0][1] if with_hellaswag else None
     several = len(runs) > 1
     for i, (name, curves) in enumerate(runs):
         # one run: a colour per curve; several: a colour per run, its name in the labels
@@ -79,19 +80,18 @@ def plot_run(run_dir, out=None, log_steps: bool = False, compare=()) -> Path:
         if curves["val_loss"][0]:
             loss_ax.plot(*curves["val_loss"], color=val_color, linewidth=2, marker="o", markersize=3,
                          label=f"{prefix}validation loss")
-        if with_hellaswag:
-            ax = axes[0][1]
+        if hellaswag_ax is not None:
             if curves["hellaswag_acc_norm"][0]:
-                ax.plot(*curves["hellaswag_acc_norm"], color=hellaswag_color, linewidth=2, marker="o", markersize=3,
-                        label=f"{prefix}acc_norm")
+                hellaswag_ax.plot(*curves["hellaswag_acc_norm"], color=hellaswag_color, linewidth=2, marker="o",
+                                  markersize=3, label=f"{prefix}acc_norm")
             if curves["hellaswag_acc"][0]:
-                ax.plot(*curves["hellaswag_acc"], color=hellaswag_color, linewidth=1, linestyle="--", alpha=0.6,
-                        label=f"{prefix}acc")
+                hellaswag_ax.plot(*curves["hellaswag_acc"], color=hellaswag_color, linewidth=1, linestyle="--",
+                                  alpha=0.6, label=f"{prefix}acc")
     loss_ax.set_ylabel("cross-entropy loss (nats per token)")
     loss_ax.set_title("Loss")
 
-    if with_hellaswag:
-        ax = axes[0][1]
+    if hellaswag_ax is not None:
+        ax = hellaswag_ax
         styles = {"GPT-2 124M": ("tab:red", "-."), "GPT-3 Small (124M)": ("tab:purple", ":")}
         for name, scores in REFERENCE_SCORES.items():
             color, linestyle = styles.get(name, ("gray", "-."))

@@ -68,6 +68,18 @@ def step_lines(output: str) -> list[str]:
     return re.findall(r"^step +\d+ \| loss .*$", output, flags=re.M)
 
 
+def assert_same_losses(expected: dict[int, float], got: dict[int, float], steps: list[int]) -> None:
+    """The same steps logged, each loss within 1e-4 relative (float32 sums in another order)."""
+    assert list(expected) == list(got) == steps
+    for step in steps:
+        assert abs(expected[step] - got[step]) / expected[step] < 1e-4, step
+
+
+def cpu_2proc_launcher(port: int) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(port)]
+
+
 def run_cli(*args: str, launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = (launcher or [sys.executable]) + ["-m", "gpt2repro", *args]
@@ -131,16 +143,13 @@ def test_two_cpu_processes_log_the_same_losses_as_one(data_dir, tmp_path):
     settings = ["--preset", "tiny", "--data", str(data_dir), "--set", *SMALL, "max_steps=4", "val_every=2",
                 "sample_every=0", "checkpoint_every=0"]
     single = run_cli("train", "--out", str(tmp_path / "one"), *settings)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29517"]
+    launcher = cpu_2proc_launcher(29517)
     double = run_cli("train", "--out", str(tmp_path / "two"), *settings, launcher=launcher)
     for run, world_size in (("one", 1), ("two", 2)):
         state = json.loads((tmp_path / run / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
         assert state["world_size"] == world_size and len(state["rng"]) == world_size  # one RNG state per rank
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert list(one) == list(two) == [0, 1, 2, 3]
-    for step in one:
-        assert abs(one[step] - two[step]) / one[step] < 1e-4
+    assert_same_losses(one, two, [0, 1, 2, 3])
     assert list(val_losses(tmp_path / "one")) == list(val_losses(tmp_path / "two")) == [0, 2, 3]  # 3: the last step
     for step, loss in val_losses(tmp_path / "one").items():
         assert abs(loss - val_losses(tmp_path / "two")[step]) / loss < 1e-4
@@ -152,8 +161,7 @@ def test_two_cpu_processes_log_the_same_losses_as_one(data_dir, tmp_path):
 def test_a_checkpoint_written_by_two_processes_resumes_in_one_with_the_same_losses(data_dir, tmp_path):
     settings = ["--preset", "tiny", "--data", str(data_dir), "--set", *SMALL, "max_steps=4", "val_every=0",
                 "sample_every=0", "checkpoint_every=0"]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29519"]
+    launcher = cpu_2proc_launcher(29519)
     run_cli("train", "--out", str(tmp_path / "moved"), *settings, "stop_after_steps=2", launcher=launcher)
     state = json.loads((tmp_path / "moved" / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
@@ -161,9 +169,7 @@ def test_a_checkpoint_written_by_two_processes_resumes_in_one_with_the_same_loss
     assert "resumed from" in resumed.stdout and "step_000002" in resumed.stdout
     run_cli("train", "--out", str(tmp_path / "one"), *settings)
     one, moved = losses(tmp_path / "one"), losses(tmp_path / "moved")
-    assert list(one) == list(moved) == [0, 1, 2, 3]
-    for step in one:
-        assert abs(one[step] - moved[step]) / one[step] < 1e-4
+    assert_same_losses(one, moved, [0, 1, 2, 3])
 
 
 def test_two_machine_ranks_of_multi_node_yaml_train_as_one_job(data_dir, tmp_path):
@@ -197,9 +203,7 @@ def test_two_machine_ranks_of_multi_node_yaml_train_as_one_job(data_dir, tmp_pat
     assert len(step_lines(outputs[0][0])) == 3 and not step_lines(outputs[1][0])  # global rank 0 alone prints
     run_cli("train", "--out", str(tmp_path / "one"), *settings)
     one, nodes = losses(tmp_path / "one"), losses(tmp_path / "nodes")
-    assert list(one) == list(nodes) == [0, 1, 2]
-    for step in one:
-        assert abs(one[step] - nodes[step]) / one[step] < 1e-4
+    assert_same_losses(one, nodes, [0, 1, 2])
 
 
 def test_run_directory_holds_log_samples_checkpoints_and_exports_to_a_pipeline(data_dir, tmp_path):
