@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import json
 import time
+from typing import Callable
 
 import torch
 
@@ -48,7 +49,8 @@ def _reset(device: torch.device) -> None:
     torch._dynamo.reset()
 
 
-def bench_ours(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int) -> dict:
+def training_step(cfg: TrainConfig, tokens: torch.Tensor) -> tuple[Trainer, Callable[[], None]]:
+    """A Trainer without data and a function taking one optimizer step of it on `tokens`."""
     trainer = Trainer(cfg, data_dir=None, run_dir=None)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
@@ -57,6 +59,11 @@ def bench_ours(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int) 
         trainer.apply_update()
         trainer.step += 1
 
+    return trainer, step
+
+
+def bench_ours(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int) -> dict:
+    trainer, step = training_step(cfg, tokens)
     times = _time_steps(step, warmup, steps, trainer.device)
     result = {"ms": times, "peak_gib": _peak_gib(trainer.device), "device": trainer.device}
     del trainer
@@ -98,8 +105,9 @@ def bench_hf(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int, de
     return result
 
 
-def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5, compare_hf: bool = False,
-              preset: str = "gpt2-124M", model: str | None = None) -> dict:
+def bench_setup(batch: int = 64, seq: int = 1024, preset: str = "gpt2-124M",
+                model: str | None = None) -> tuple[TrainConfig, torch.Tensor]:
+    """The training config of one (batch x seq) micro-step with no accumulation, and its random tokens."""
     cfg: TrainConfig = TRAIN_PRESETS[preset]()
     if model is not None:
         if model not in MODEL_PRESETS:
@@ -112,7 +120,12 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
         cfg.compile, cfg.mixed_precision = False, "no"
     cfg.validate()
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 50257, (batch, seq + 1), generator=generator)
+    return cfg, torch.randint(0, 50257, (batch, seq + 1), generator=generator)
+
+
+def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5, compare_hf: bool = False,
+              preset: str = "gpt2-124M", model: str | None = None) -> dict:
+    cfg, tokens = bench_setup(batch, seq, preset, model)
 
     ours = bench_ours(cfg, tokens, warmup, steps)
     device = ours.pop("device")

@@ -13,9 +13,11 @@ import math
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2_VOCAB_SIZE, GPTConfig
 from .errors import UserError
+from .loss import linear_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,12 @@ class MLP(nn.Module):
         self.c_proj.is_residual_projection = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+        h = self.c_fc(x)
+        if torch.is_grad_enabled() and h.requires_grad:
+            # backward recomputes the GELU from h instead of keeping its output: 2 bytes x 4C per token
+            # and layer less memory (4.5 GiB at the 124M model's B=64, T=1024) for ~1% more GPU time
+            return self.c_proj(checkpoint(self.act, h, use_reentrant=False))
+        return self.c_proj(self.act(h))
 
 
 class Block(nn.Module):
@@ -137,8 +144,8 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, V), loss).
 
         With targets (B, T) the mean cross-entropy is returned and, unless `return_logits=True`,
-        no logits: the training step then never hands a (B, T, V) tensor back to its caller
-        (Accelerate would upcast it to fp32). Targets of -1 are ignored.
+        no logits: the loss is then computed a chunk of rows at a time and the (B, T, V) logits
+        never exist at once. Targets of -1 are ignored.
         """
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
@@ -151,12 +158,14 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
+        if targets is not None and not return_logits:
+            # chunk by chunk, never holding the (B*T, V) logits or their gradient (loss.py)
+            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), ignore_index=-1)
         logits = self.lm_head(x)  # (B, T, V) in the autocast dtype
         if targets is None:
             return logits, None
-        # the fp32 upcast fuses into the loss kernel under torch.compile
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return (logits if return_logits else None), loss
+        return logits, loss
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Strict load that names the first mismatch in one line. The tied lm_head.weight may be absent."""

@@ -1,41 +1,193 @@
 """Time `gpt2repro bench`'s training step (ours only) under one speed lever, one JSON line per call.
 
-    python scripts/bench_levers.py --lever default|flash|cudnn|cdt|autotune [--steps 20]
+    python scripts/bench_levers.py --lever LEVER [--steps 20] [--profile FILE]
 
-flash / cudnn: scaled_dot_product_attention limited to FlashAttention-2 / cuDNN attention;
-cdt: inductor's coordinate-descent tuning of its generated kernels;
-autotune: torch.compile(mode="max-autotune-no-cudagraphs"), Triton matmul templates with fused epilogues.
+default: the step as `train` runs it.
+plain-loss: the loss through the full (B*T, V) logits, as before the chunked loss (loss.py).
+chunk-N: the chunked loss with N rows per chunk (the default is loss.CHUNK_ROWS).
+flash / cudnn: scaled_dot_product_attention limited to FlashAttention-2 / cuDNN attention.
+cdt: inductor's coordinate-descent tuning of its generated kernels.
+save-gelu: the MLP keeps its GELU output for backward instead of recomputing it there.
+cudagraphs: torch.compile(mode="reduce-overhead"), replaying each graph's kernels as a CUDA graph.
+autotune: inductor's GEMM autotuning (cuBLAS against Triton templates, whose epilogues can take in
+    the neighbouring bias, GELU and residual kernels), benchmarked in a subprocess.
+--profile FILE: after timing, profile 3 steps and write GPU time per kernel and per kind of kernel.
+--memory FILE: after timing, write the peak memory of each phase of a step and the tensors alive at
+    the step's peak, largest first, with the line of (generated) code that allocated them.
 Each lever needs a fresh process (compilation settings are global), hence a script rather than a flag.
 """
 
 import argparse
 import json
+import re
 import time
 
 import torch
+import torch.nn.functional as F
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--lever", default="default", choices=["default", "flash", "cudnn", "cdt", "autotune"])
+parser.add_argument("--lever", default="default")
 parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--profile", metavar="FILE")
+parser.add_argument("--memory", metavar="FILE")
 args = parser.parse_args()
 
-if args.lever == "flash":
+import gpt2repro.loss  # noqa: E402
+import gpt2repro.model  # noqa: E402
+import torch._inductor.config as inductor  # noqa: E402
+
+if args.lever == "plain-loss":
+    gpt2repro.model.linear_cross_entropy = lambda x, w, targets, ignore_index: F.cross_entropy(
+        F.linear(x, w).float(), targets, ignore_index=ignore_index)
+elif args.lever.startswith("chunk-"):
+    gpt2repro.loss.CHUNK_ROWS = int(args.lever.removeprefix("chunk-"))
+elif args.lever == "flash":
     torch.backends.cuda.enable_cudnn_sdp(False)
     torch.backends.cuda.enable_mem_efficient_sdp(False)
 elif args.lever == "cudnn":
     torch.backends.cuda.enable_flash_sdp(False)
     torch.backends.cuda.enable_mem_efficient_sdp(False)
 elif args.lever == "cdt":
-    import torch._inductor.config
-
-    torch._inductor.config.coordinate_descent_tuning = True
+    inductor.coordinate_descent_tuning = True
 elif args.lever == "autotune":
-    compile_default = torch.compile
-    torch.compile = lambda model, **kwargs: compile_default(model, mode="max-autotune-no-cudagraphs", **kwargs)
+    inductor.max_autotune_gemm = True
+    inductor.max_autotune_gemm_backends = "ATEN,TRITON"
+    inductor.autotune_in_subproc = True
+    inductor.triton.enable_persistent_tma_matmul = True
+elif args.lever == "save-gelu":
+    gpt2repro.model.MLP.forward = lambda self, x: self.c_proj(self.act(self.c_fc(x)))
+elif args.lever == "cudagraphs":
+    _compile = torch.compile
+    torch.compile = lambda model, **kwargs: _compile(model, mode="reduce-overhead", **kwargs)
+elif args.lever != "default":
+    parser.error(f"unknown lever {args.lever!r}")
 
-from gpt2repro.bench import run_bench  # noqa: E402  (after the settings above)
+from gpt2repro.bench import bench_setup, run_bench, training_step  # noqa: E402
+
+
+def kernel_kind(name: str) -> str:
+    if re.search(r"flash|fmha|attention|sdpa|cudnn", name, re.I):
+        return "attention"
+    if "xent" in name:
+        return "loss (softmax cross-entropy)"
+    if re.search(r"gemm|nvjet|cutlass|xmma|sm90_|_mm_|triton_tem", name):
+        return "matmul"
+    if re.search(r"adam|multi_tensor|foreach|norm_", name, re.I) and not name.startswith("triton"):
+        return "optimizer and clipping"
+    if name.startswith("triton"):
+        return "inductor-generated (elementwise, norms, loss)"
+    return "other"
+
+
+def profile(path: str) -> None:
+    cfg, tokens = bench_setup()
+    trainer, step = training_step(cfg, tokens)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+            torch.cuda.synchronize()  # as the bench times each step
+    rows = [(e.key, e.self_device_time_total / 3 / 1000, e.count // 3) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+    # where the GPU waits: idle gaps between consecutive kernels, by the kernel that follows them
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    gaps: dict[str, list[float]] = {}
+    for (_, end, _), (start, _, name) in zip(kernels, kernels[1:]):
+        if start - end > 20:  # microseconds
+            g = gaps.setdefault(name[:100], [0.0, 0])
+            g[0] += (start - end) / 3 / 1000
+            g[1] += 1
+    span = (kernels[-1][1] - kernels[0][0]) / 3 / 1000
+    rows.sort(key=lambda r: -r[1])
+    total = sum(ms for _, ms, _ in rows)
+    kinds: dict[str, float] = {}
+    for name, ms, _ in rows:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    with open(path, "w") as f:
+        f.write(f"GPU time per step: {total:.1f} ms ({args.lever})\n\n")
+        for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+            f.write(f"{ms:8.2f} ms {100 * ms / total:5.1f}%  {kind}\n")
+        f.write(f"\nfirst to last kernel: {span:.1f} ms per step; idle gaps over 20 us before:\n")
+        for name, (ms, count) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:12]:
+            f.write(f"{ms:8.2f} ms {count // 3:4d}x  {name}\n")
+        f.write("\n   ms/step  calls  kernel\n")
+        for name, ms, calls in rows[:60]:
+            f.write(f"{ms:10.3f} {calls:6d}  {name[:160]}\n")
+    print(open(path).read())
+
+
+def memory(path: str) -> None:
+    import linecache
+
+    cfg, tokens = bench_setup()
+    trainer, step = training_step(cfg, tokens)
+    x, y = (t.to(trainer.device) for t in (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    gib = 2**30
+    lines = [f"peak of the timed run, compilation included: {torch.cuda.max_memory_allocated() / gib:.2f} GiB"]
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    lines.append(f"allocated between steps: {torch.cuda.memory_allocated() / gib:.2f} GiB")
+    loss = None
+
+    def forward():
+        nonlocal loss
+        loss = trainer.forward(x, y)[1]
+
+    phases = {
+        "forward": forward,
+        "backward": lambda: trainer.accelerator.backward(loss),
+        "clip + optimizer": trainer.apply_update,
+    }
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    for name, phase in phases.items():
+        torch.cuda.reset_peak_memory_stats()
+        phase()
+        torch.cuda.synchronize()
+        lines.append(f"{name:>16}: peak {torch.cuda.max_memory_allocated() / gib:6.2f} GiB, "
+                     f"after {torch.cuda.memory_allocated() / gib:6.2f} GiB")
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    # replay the allocation trace to find the tensors alive at the peak
+    live, total, best, at_peak = {}, 0, -1, {}
+    for event in snapshot["device_traces"][0]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+        if total > best:
+            best, at_peak = total, dict(live)
+
+    def origin(event) -> str:
+        for frame in event.get("frames", []):
+            if frame["filename"].endswith(".py") and "/torch/" not in frame["filename"]:
+                code = linecache.getline(frame["filename"], frame["line"]).strip()
+                return f"{frame['filename'].rsplit('/', 1)[-1]}:{frame['line']} {code[:110]}"
+        return "(no Python frame)"
+
+    groups: dict[str, list[int]] = {}
+    for event in at_peak.values():
+        g = groups.setdefault(origin(event), [0, 0])
+        g[0] += event["size"]
+        g[1] += 1
+    lines.append(f"\nallocated during the traced step and alive at its peak: {best / gib:.2f} GiB "
+                 "(on top of what the step started with)")
+    for where, (size, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:40]:
+        lines.append(f"{size / gib:8.3f} GiB {count:5d}x  {where}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(open(path).read())
+
 
 start = time.perf_counter()
 result = run_bench(64, 1024, steps=args.steps, warmup=3)
 result.update(lever=args.lever, wall_s=round(time.perf_counter() - start, 1))
-print(json.dumps(result))
+print(json.dumps(result), flush=True)
+if args.profile:
+    profile(args.profile)
+if args.memory:
+    memory(args.memory)

@@ -41,6 +41,77 @@ def test_bf16_logits_match_gpt2lmheadmodel_on_gpu():
     assert relative < 1e-2  # bf16 operands: expected between 1e-3 and 1e-2
 
 
+def test_compiled_chunked_loss_matches_the_full_logits_loss_in_one_graph():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=50304, n_layer=2, n_head=4, n_embd=256)).cuda()
+    idx = torch.randint(0, 50257, (8, 256), device="cuda")
+    targets = idx.roll(-1, dims=1)
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(idx, targets)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def plain(idx, targets):
+        logits = model(idx)[0]
+        return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+
+    chunked = torch.compile(lambda idx, targets: model(idx, targets)[1], fullgraph=True)  # no graph break
+    loss, grads = loss_and_grads(chunked)
+    ref_loss, ref_grads = loss_and_grads(plain)
+    assert abs(loss.item() - ref_loss.item()) < 1e-3 * ref_loss.item()
+    for ours, ref in zip(grads, ref_grads):
+        assert (ours - ref).norm() / ref.norm() < 2e-2  # bf16 operands on both sides
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_chunked_loss_matches_plain_cross_entropy(dtype):
+    from gpt2repro.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    x = torch.randn(5000, 128, device="cuda", requires_grad=True)
+    w = (0.05 * torch.randn(50304, 128, device="cuda")).requires_grad_()
+    targets = torch.randint(0, 50304, (5000,), device="cuda")
+    targets[::7] = -1  # ignored rows
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = linear_cross_entropy(x, w, targets, chunk_rows=1536)  # 3 full chunks and a partial one
+        plain = torch.nn.functional.cross_entropy((x @ w.T).float(), targets, ignore_index=-1)
+        with torch.no_grad():
+            no_grad_loss = linear_cross_entropy(x, w, targets, chunk_rows=1536)
+    (0.5 * loss).backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    (0.5 * plain).backward()
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-3  # bf16 logits gradient; fp32 matmuls may run in TF32
+    assert abs(loss.item() - plain.item()) < 1e-4 * plain.item()
+    assert abs(no_grad_loss.item() - plain.item()) < 1e-4 * plain.item()
+    for ours, ref in zip(grads, (x.grad, w.grad)):
+        assert ours.dtype == torch.float32 and (ours - ref).norm() / ref.norm() < tol
+
+
+def test_compiled_chunked_loss_holds_one_chunk_of_logits_at_a_time():
+    from gpt2repro.loss import linear_cross_entropy
+
+    rows, chunk, vocab = 32768, 4096, 50304
+    x = torch.randn(rows, 256, device="cuda", requires_grad=True)
+    w = (0.05 * torch.randn(vocab, 256, device="cuda")).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    loss_fn = torch.compile(lambda x, w, t: linear_cross_entropy(x, w, t, chunk_rows=chunk))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_fn(x, w, targets).backward()  # compile
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss_fn(x, w, targets)
+    extra = torch.cuda.max_memory_allocated() - before
+    one_chunk = chunk * vocab * 2
+    all_logits = rows * vocab * 2
+    gradients = x.numel() * 4 + w.numel() * 4 * 2  # grad_x and grad_w (fp32 and its cast copy)
+    assert extra < 1.5 * one_chunk + gradients + 2**26, (extra, all_logits)
+
+
 def test_loader_batches_are_pinned_for_non_blocking_copies(data_dir):
     x, y = TokenLoader(data_dir, "train", 4, 64).next_batch()
     assert x.is_pinned() and y.is_pinned() and x.dtype == torch.int64

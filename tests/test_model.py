@@ -2,10 +2,12 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt2repro import GPT, GPTConfig
 from gpt2repro.config import MODEL_PRESETS
 from gpt2repro.errors import UserError
+from gpt2repro.loss import linear_cross_entropy
 
 TINY = GPTConfig(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=16)
 
@@ -48,6 +50,85 @@ def test_training_forward_returns_loss_without_logits():
     logits, loss_again = model(idx, idx, return_logits=True)
     assert logits.shape == (2, 8, TINY.vocab_size)
     torch.testing.assert_close(loss, loss_again)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 10, 64])
+def test_chunked_loss_equals_plain_cross_entropy_in_value_and_gradients(chunk_rows):
+    torch.manual_seed(chunk_rows)
+    x = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    targets[[3, 20, 36]] = -1  # ignored rows count neither in the loss nor in its mean
+    scale = 0.37  # as gradient accumulation scales the loss before backward
+
+    loss = linear_cross_entropy(x, w, targets, chunk_rows=chunk_rows)
+    (scale * loss).backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    plain = F.cross_entropy(x @ w.T, targets, ignore_index=-1)
+    (scale * plain).backward()
+
+    torch.testing.assert_close(loss, plain, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grads[0], x.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(grads[1], w.grad, rtol=1e-10, atol=1e-14)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(x, w, targets, chunk_rows=chunk_rows), plain, rtol=1e-12, atol=0)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_plain_path_and_keeps_fp32_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(96, 32, requires_grad=True)
+    w = (0.1 * torch.randn(300, 32)).requires_grad_()
+    targets = torch.randint(0, 300, (96,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(x, w, targets, chunk_rows=40)
+        plain = F.cross_entropy((x @ w.T).float(), targets)  # the matmul in bf16, the softmax in fp32
+    loss.backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    plain.backward()
+    assert loss.dtype == torch.float32 and grads[0].dtype == grads[1].dtype == torch.float32
+    assert abs(loss.item() - plain.item()) < 1e-5 * plain.item()
+    for ours, ref in zip(grads, (x.grad, w.grad)):
+        assert (ours - ref).norm() / ref.norm() < 1e-2  # bf16 rounding of the logits gradient
+
+
+def test_model_training_loss_and_gradients_equal_those_through_full_logits():
+    torch.manual_seed(0)
+    model = GPT(TINY).to(torch.float64)
+    idx = torch.randint(0, 50257, (3, 11))
+    targets = idx.roll(-1, dims=1)
+    targets[:, -1] = -1
+    _, loss = model(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits, _ = model(idx)
+    plain = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+    plain.backward()
+    torch.testing.assert_close(loss, plain, rtol=1e-12, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-13, msg=name)
+
+
+def test_compiled_training_loss_is_one_graph_with_the_eager_loss_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=320, n_layer=1, n_head=2, n_embd=16))
+    idx = torch.randint(0, 320, (2, 16))
+    targets = idx.roll(-1, dims=1)
+    compiled = torch.compile(lambda idx, targets: model(idx, targets)[1], fullgraph=True)  # no graph break
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn(idx, targets)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = loss_and_grads(compiled)
+    ref_loss, ref_grads = loss_and_grads(lambda idx, targets: model(idx, targets)[1])
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for ours, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
 
 
 def test_kv_cached_generation_matches_full_recomputation():
