@@ -1,6 +1,6 @@
-"""Time `gpt2repro bench`'s training step (ours only) under one speed lever, one JSON line per call.
+"""Time `gpt2repro bench`'s training step (ours only) under speed levers, one JSON line per call.
 
-    python scripts/bench_levers.py --lever LEVER [--steps 20] [--profile FILE]
+    python scripts/bench_levers.py --lever LEVER[,LEVER...] [--steps 20] [--profile FILE] [--memory FILE]
 
 default: the step as `train` runs it.
 plain-loss: the loss through the full (B*T, V) logits, as before the chunked loss (loss.py).
@@ -36,31 +36,37 @@ import gpt2repro.loss  # noqa: E402
 import gpt2repro.model  # noqa: E402
 import torch._inductor.config as inductor  # noqa: E402
 
-if args.lever == "plain-loss":
-    gpt2repro.model.linear_cross_entropy = lambda x, w, targets, ignore_index: F.cross_entropy(
-        F.linear(x, w).float(), targets, ignore_index=ignore_index)
-elif args.lever.startswith("chunk-"):
-    gpt2repro.loss.CHUNK_ROWS = int(args.lever.removeprefix("chunk-"))
-elif args.lever == "flash":
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    torch.backends.cuda.enable_mem_efficient_sdp(False)
-elif args.lever == "cudnn":
-    torch.backends.cuda.enable_flash_sdp(False)
-    torch.backends.cuda.enable_mem_efficient_sdp(False)
-elif args.lever == "cdt":
-    inductor.coordinate_descent_tuning = True
-elif args.lever == "autotune":
-    inductor.max_autotune_gemm = True
-    inductor.max_autotune_gemm_backends = "ATEN,TRITON"
-    inductor.autotune_in_subproc = True
-    inductor.triton.enable_persistent_tma_matmul = True
-elif args.lever == "save-gelu":
-    gpt2repro.model.MLP.forward = lambda self, x: self.c_proj(self.act(self.c_fc(x)))
-elif args.lever == "cudagraphs":
-    _compile = torch.compile
-    torch.compile = lambda model, **kwargs: _compile(model, mode="reduce-overhead", **kwargs)
-elif args.lever != "default":
-    parser.error(f"unknown lever {args.lever!r}")
+
+def apply(lever: str) -> None:
+    if lever == "plain-loss":
+        gpt2repro.model.linear_cross_entropy = lambda x, w, targets, ignore_index: F.cross_entropy(
+            F.linear(x, w).float(), targets, ignore_index=ignore_index)
+    elif lever.startswith("chunk-"):
+        gpt2repro.loss.CHUNK_ROWS = int(lever.removeprefix("chunk-"))
+    elif lever == "flash":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+    elif lever == "cudnn":
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+    elif lever == "cdt":
+        inductor.coordinate_descent_tuning = True
+    elif lever == "autotune":
+        inductor.max_autotune_gemm = True
+        inductor.max_autotune_gemm_backends = "ATEN,TRITON"
+        inductor.autotune_in_subproc = True
+        inductor.triton.enable_persistent_tma_matmul = True
+    elif lever == "save-gelu":
+        gpt2repro.model.MLP.forward = lambda self, x: self.c_proj(self.act(self.c_fc(x)))
+    elif lever == "cudagraphs":
+        _compile = torch.compile
+        torch.compile = lambda model, **kwargs: _compile(model, mode="reduce-overhead", **kwargs)
+    elif lever != "default":
+        parser.error(f"unknown lever {lever!r}")
+
+
+for lever in args.lever.split(","):
+    apply(lever)
 
 from gpt2repro.bench import bench_setup, run_bench, training_step  # noqa: E402
 
