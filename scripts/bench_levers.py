@@ -111,7 +111,8 @@ def profile(path: str) -> None:
     total = sum(ms for _, ms, _ in rows)
     kinds: dict[str, float] = {}
     for name, ms, _ in rows:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     with open(path, "w") as f:
         f.write(f"GPU time per step: {total:.1f} ms ({args.lever})\n\n")
         for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
