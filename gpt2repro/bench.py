@@ -21,20 +21,23 @@ from .errors import UserError
 from .train import Trainer, peak_flops
 
 
-def _time_steps(step, warmup: int, steps: int, device: torch.device) -> list[float]:
-    """Per-step wall times in ms after `warmup` untimed steps (compilation happens there)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
+def _time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, list[float]]:
+    """Seconds of the first step (compilation happens there) and per-step wall times in ms after
+    `warmup` untimed steps, the first included."""
+
+    def timed() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(1000 * (time.perf_counter() - start))
-    return times
+        return time.perf_counter() - start
+
+    first_step_s = timed()
+    for _ in range(warmup - 1):
+        step()
+    return first_step_s, [1000 * timed() for _ in range(steps)]
 
 
 def _peak_gib(device: torch.device) -> float | None:
@@ -64,8 +67,8 @@ def training_step(cfg: TrainConfig, tokens: torch.Tensor) -> tuple[Trainer, Call
 
 def bench_ours(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int) -> dict:
     trainer, step = training_step(cfg, tokens)
-    times = _time_steps(step, warmup, steps, trainer.device)
-    result = {"ms": times, "peak_gib": _peak_gib(trainer.device), "device": trainer.device}
+    first_step_s, times = _time_steps(step, warmup, steps, trainer.device)
+    result = {"ms": times, "first_step_s": first_step_s, "peak_gib": _peak_gib(trainer.device), "device": trainer.device}
     del trainer
     return result
 
@@ -99,8 +102,8 @@ def bench_hf(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int, de
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = _time_steps(step, warmup, steps, device)
-    result = {"ms": times, "peak_gib": _peak_gib(device)}
+    first_step_s, times = _time_steps(step, warmup, steps, device)
+    result = {"ms": times, "first_step_s": first_step_s, "peak_gib": _peak_gib(device)}
     del model, optimizer, compiled
     return result
 
@@ -150,6 +153,7 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
         result[f"{name}_tokens_per_sec"] = round(tokens_per_sec)
         result[f"{name}_mfu"] = round(tokens_per_sec * flops_per_token / peak, 4) if peak else None
         result[f"{name}_peak_gib"] = round(measured["peak_gib"], 2) if measured["peak_gib"] is not None else None
+        result[f"{name}_first_step_s"] = round(measured["first_step_s"], 1)  # compilation included
 
     summarize("ours", ours)
     if compare_hf:
@@ -164,13 +168,14 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
 def print_table(result: dict) -> None:
     print(f"device {result['device']} | torch {result['torch']} (CUDA {result['cuda']}) | "
           f"B={result['batch']} T={result['seq']} | {result['mixed_precision']} | compile {result['compile']}")
-    print(f"{'':6} {'tokens/s':>12} {'ms/step':>9} {'MFU':>7} {'peak GiB':>9}")
+    print(f"{'':6} {'tokens/s':>12} {'ms/step':>9} {'MFU':>7} {'peak GiB':>9} {'first step s':>13}")
     for name in ("ours", "hf"):
         if f"{name}_tokens_per_sec" in result:
             mfu = result[f"{name}_mfu"]
             peak = result[f"{name}_peak_gib"]
             print(f"{name:6} {result[f'{name}_tokens_per_sec']:>12,} {result[f'{name}_ms_per_step']:>9.1f} "
-                  f"{(f'{100 * mfu:.1f}%' if mfu else '-'):>7} {(f'{peak:.1f}' if peak else '-'):>9}")
+                  f"{(f'{100 * mfu:.1f}%' if mfu else '-'):>7} {(f'{peak:.1f}' if peak else '-'):>9} "
+                  f"{result[f'{name}_first_step_s']:>13.1f}")
     if "ratio_vs_hf" in result:
         print(f"ours / hf: {result['ratio_vs_hf']:.3f}x tokens/s" +
               (f", {result['memory_ratio_vs_hf']:.3f}x peak memory" if "memory_ratio_vs_hf" in result else ""))
@@ -178,8 +183,8 @@ def print_table(result: dict) -> None:
 
 
 def main(args) -> None:
-    if args.steps < 1 or args.batch < 1 or args.seq < 1:
-        raise UserError("--steps, --batch and --seq must be positive")
+    if min(args.steps, args.warmup, args.batch, args.seq) < 1:
+        raise UserError("--steps, --warmup, --batch and --seq must be positive")
     result = run_bench(args.batch, args.seq, args.steps, args.warmup, args.compare == "hf", model=args.model)
     if args.json:
         print(json.dumps(result))

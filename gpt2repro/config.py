@@ -130,7 +130,9 @@ class TrainConfig:
     # numerics and speed
     mixed_precision: str = "auto"  # "bf16", "fp16", "no", or "auto": bf16 on a GPU that has it, else no
     tf32: bool = True  # allow TF32 for fp32 matmuls on Ampere and newer GPUs
-    compile: bool = True  # torch.compile the model (training, evaluation and sampling alike)
+    compile: bool = True  # torch.compile the training and validation forward (sampling and HellaSwag run eager)
+    compile_scope: str = "block"  # "block": one Block graph that every layer reuses (a third of the compile time,
+    #                               same step time on an H200); "model": one graph for the whole model
 
     # data
     shuffle: bool = True  # new seeded order of shards and documents every epoch; False walks the data in order
@@ -196,6 +198,8 @@ class TrainConfig:
                 problems.append(f"{name} must not be negative")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             problems.append(f"mixed_precision must be auto, bf16, fp16 or no, got {self.mixed_precision!r}")
+        if self.compile_scope not in ("model", "block"):
+            problems.append(f"compile_scope must be 'model' or 'block', got {self.compile_scope!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             problems.append(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.log_with not in (None, "tensorboard", "wandb", "all"):

@@ -158,8 +158,14 @@ class Trainer:
         self.resumed_from = self._resume()
 
         self.model, self.optimizer = acc.prepare(self.raw_model, self.optimizer)
-        # compile the prepared (DDP) module so its gradient buckets still overlap the backward pass
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.forward = self.model
+        if cfg.compile and cfg.compile_scope == "block":
+            # the blocks share one graph: dynamo treats their weights as inputs, so it compiles once for all layers
+            for block in self.raw_model.transformer.h:
+                block.compile()
+        elif cfg.compile:
+            # compile the prepared (DDP) module so its gradient buckets still overlap the backward pass
+            self.forward = torch.compile(self.model)
         self.peak_flops = peak_flops(self.device)
         self.flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
         self.sigterm_received = False  # set by the signal handler; acted on when all processes agree
@@ -265,7 +271,7 @@ class Trainer:
                     self.val_batches, all_reduce=self._sum_across_processes,
                 )
         if self.hellaswag and (self.step % cfg.hellaswag_every == 0 or last):
-            with torch.no_grad(), self.accelerator.autocast():
+            with torch.no_grad(), self.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
                 scores = evaluate_hellaswag(
                     lambda idx: self.raw_model(idx)[0], self.hellaswag, self.device, rank=self.rank,
                     world_size=self.world_size, all_reduce=self._sum_across_processes, progress=False,
@@ -281,7 +287,8 @@ class Trainer:
         prompt = torch.tensor(enc.encode(self.cfg.sample_prompt), dtype=torch.long, device=self.device)
         idx = prompt.unsqueeze(0).repeat(self.cfg.num_samples, 1)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.rank)  # fixed per rank
-        with self.accelerator.autocast():
+        # eager: compiled blocks would recompile for every length the KV cache grows through
+        with self.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
             out = self.raw_model.generate(idx, self.cfg.sample_max_new_tokens, top_k=50, generator=generator)
         texts = [f"rank {self.rank} sample {i}: {enc.decode(row.tolist())}" for i, row in enumerate(out)]
         gathered = gather_object(texts)
@@ -343,7 +350,7 @@ class Trainer:
         logger.info(
             "batch: %s tokens/step = %d micro x %d tokens x %d processes x %d accumulation steps; %s on %s; compile %s",
             f"{cfg.total_batch_size:,}", cfg.micro_batch_size, cfg.seq_len, self.world_size, self.grad_accum_steps,
-            acc.mixed_precision, self.device, "on" if cfg.compile else "off",
+            acc.mixed_precision, self.device, f"on ({cfg.compile_scope})" if cfg.compile else "off",
         )
         if self.resumed_from:
             logger.info("resumed from %s at step %d", self.resumed_from, self.step)

@@ -1,6 +1,6 @@
 """Time `gpt2repro bench`'s training step (ours only) under speed levers, one JSON line per call.
 
-    python scripts/bench_levers.py --lever LEVER[,LEVER...] [--steps 20] [--profile FILE] [--memory FILE]
+    python scripts/bench_levers.py --lever LEVER[,LEVER...] [--steps 20] [--batch 64] [--profile FILE] [--memory FILE]
 
 default: the step as `train` runs it.
 plain-loss: the loss through the full (B*T, V) logits, as before the chunked loss (loss.py).
@@ -9,6 +9,8 @@ flash / cudnn: scaled_dot_product_attention limited to FlashAttention-2 / cuDNN 
 cdt: inductor's coordinate-descent tuning of its generated kernels.
 save-gelu: the MLP keeps its GELU output for backward instead of recomputing it there.
 cudagraphs: torch.compile(mode="reduce-overhead"), replaying each graph's kernels as a CUDA graph.
+model-compile: compile_scope=model, one graph for the whole model (the default compiles one Block graph).
+bf16-residual: the residual stream between blocks in bf16 instead of autocast's fp32.
 autotune: inductor's GEMM autotuning (cuBLAS against Triton templates, whose epilogues can take in
     the neighbouring bias, GELU and residual kernels), benchmarked in a subprocess.
 --profile FILE: after timing, profile 3 steps and write GPU time per kernel and per kind of kernel.
@@ -18,6 +20,7 @@ Each lever needs a fresh process (compilation settings are global), hence a scri
 """
 
 import argparse
+import dataclasses
 import json
 import re
 import time
@@ -28,10 +31,12 @@ import torch.nn.functional as F
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--lever", default="default")
 parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--batch", type=int, default=64)
 parser.add_argument("--profile", metavar="FILE")
 parser.add_argument("--memory", metavar="FILE")
 args = parser.parse_args()
 
+import gpt2repro.config  # noqa: E402
 import gpt2repro.loss  # noqa: E402
 import gpt2repro.model  # noqa: E402
 import torch._inductor.config as inductor  # noqa: E402
@@ -58,6 +63,12 @@ def apply(lever: str) -> None:
         inductor.triton.enable_persistent_tma_matmul = True
     elif lever == "save-gelu":
         gpt2repro.model.MLP.forward = lambda self, x: self.c_proj(self.act(self.c_fc(x)))
+    elif lever == "model-compile":
+        preset = gpt2repro.config.TRAIN_PRESETS["gpt2-124M"]
+        gpt2repro.config.TRAIN_PRESETS["gpt2-124M"] = lambda: dataclasses.replace(preset(), compile_scope="model")
+    elif lever == "bf16-residual":
+        block_forward = gpt2repro.model.Block.forward
+        gpt2repro.model.Block.forward = lambda self, x, kv_cache=None: block_forward(self, x.to(torch.bfloat16), kv_cache)
     elif lever == "cudagraphs":
         _compile = torch.compile
         torch.compile = lambda model, **kwargs: _compile(model, mode="reduce-overhead", **kwargs)
@@ -86,7 +97,7 @@ def kernel_kind(name: str) -> str:
 
 
 def profile(path: str) -> None:
-    cfg, tokens = bench_setup()
+    cfg, tokens = bench_setup(args.batch)
     trainer, step = training_step(cfg, tokens)
     for _ in range(3):
         step()
@@ -129,7 +140,7 @@ def profile(path: str) -> None:
 def memory(path: str) -> None:
     import linecache
 
-    cfg, tokens = bench_setup()
+    cfg, tokens = bench_setup(args.batch)
     trainer, step = training_step(cfg, tokens)
     x, y = (t.to(trainer.device) for t in (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
     gib = 2**30
@@ -191,7 +202,7 @@ def memory(path: str) -> None:
 
 
 start = time.perf_counter()
-result = run_bench(64, 1024, steps=args.steps, warmup=3)
+result = run_bench(args.batch, 1024, steps=args.steps, warmup=3)
 result.update(lever=args.lever, wall_s=round(time.perf_counter() - start, 1))
 print(json.dumps(result), flush=True)
 if args.profile:

@@ -120,6 +120,34 @@ def test_gradient_accumulation_matches_one_big_micro_batch():
         torch.testing.assert_close(update_b, update_a, rtol=1e-5, atol=1e-3 * lr)
 
 
+def test_block_scope_compiles_one_graph_for_all_layers_with_the_eager_step():
+    from torch._dynamo.utils import counters
+
+    tokens = torch.randint(0, 50257, (4, 33), generator=torch.Generator().manual_seed(0))
+    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    results = {}
+    for scope, compile in (("eager", "false"), ("block", "true")):
+        torch._dynamo.reset()
+        counters.clear()
+        cfg = small_config("model.n_layer=3", "total_batch_size=128", f"compile={compile}", "compile_scope=block")
+        trainer = Trainer(cfg, data_dir=None, run_dir=None)
+        loss = trainer.accumulate_gradients(batch)
+        grads = {n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()}
+        with torch.no_grad():
+            val = trainer.forward(*batch[0])[1]
+        samples = trainer.sample()  # runs eager: the KV cache's growing lengths would each recompile
+        results[scope] = loss, grads, val, samples, counters["stats"]["unique_graphs"]
+    loss, grads, val, samples, graphs = results["block"]
+    ref_loss, ref_grads, ref_val, ref_samples, _ = results["eager"]
+    assert graphs == 2  # one Block graph for training, one for no-grad validation, whatever the depth
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(val, ref_val, rtol=1e-5, atol=0)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert samples == ref_samples
+    assert [k for k in trainer.raw_model.state_dict() if "_orig_mod" in k] == []
+
+
 def test_resumed_run_logs_bit_identical_losses(data_dir, tmp_path):
     common = ("max_steps=6", "checkpoint_every=2", "val_every=3", "sample_every=3", "keep_checkpoints=2",
               "pin_checkpoints=[2]")
@@ -139,11 +167,12 @@ def test_resumed_run_logs_bit_identical_losses(data_dir, tmp_path):
     assert list(val_losses(tmp_path / "straight")) == [0, 3, 5]
 
 
-def test_two_cpu_processes_log_the_same_losses_as_one(data_dir, tmp_path):
+@pytest.mark.parametrize("compile", ["false", "true"])  # true: DDP around compiled blocks
+def test_two_cpu_processes_log_the_same_losses_as_one(data_dir, tmp_path, compile):
     settings = ["--preset", "tiny", "--data", str(data_dir), "--set", *SMALL, "max_steps=4", "val_every=2",
-                "sample_every=0", "checkpoint_every=0"]
+                "sample_every=0", "checkpoint_every=0", f"compile={compile}"]
     single = run_cli("train", "--out", str(tmp_path / "one"), *settings)
-    launcher = cpu_2proc_launcher(29517)
+    launcher = cpu_2proc_launcher(29517 if compile == "false" else 29521)
     double = run_cli("train", "--out", str(tmp_path / "two"), *settings, launcher=launcher)
     for run, world_size in (("one", 1), ("two", 2)):
         state = json.loads((tmp_path / run / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
