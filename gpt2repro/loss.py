@@ -24,6 +24,7 @@ except ImportError:  # CPU-only installs: the PyTorch path below is used
     triton = None
 
 CHUNK_ROWS = 8192  # rows of logits alive at once: 8192 x 50,304 bf16 is 0.8 GB
+XENT_BLOCK, XENT_WARPS = 4096, 16  # the softmax kernel's columns per iteration and warps per row
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -73,7 +74,7 @@ def _softmax_xent_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
         scale = grad_scale if grad_scale is not None else losses  # unread without WRITE_GRAD
         _softmax_xent_kernel[(logits.size(0),)](
             logits, targets, losses, scale, logits.stride(0), logits.size(1), ignore_index,
-            WRITE_GRAD=grad_scale is not None, BLOCK=4096, num_warps=16,
+            WRITE_GRAD=grad_scale is not None, BLOCK=XENT_BLOCK, num_warps=XENT_WARPS,
         )
         return losses.sum(dtype=accumulate)
     full = logits.to(accumulate)

@@ -11,6 +11,10 @@ save-gelu: the MLP keeps its GELU output for backward instead of recomputing it 
 cudagraphs: torch.compile(mode="reduce-overhead"), replaying each graph's kernels as a CUDA graph.
 model-compile: compile_scope=model, one graph for the whole model (the default compiles one Block graph).
 bf16-residual: the residual stream between blocks in bf16 instead of autocast's fp32.
+compile-ends: with the Block graph, also compile the embeddings and the final LayerNorm.
+nested-region: compile the whole model, each Block a nested compile region traced once.
+tile-reductions: inductor's 2-D tiled reductions (LayerNorm and bias gradients).
+xent-BLOCK-WARPS: the loss kernel with this block size and number of warps.
 autotune: inductor's GEMM autotuning (cuBLAS against Triton templates, whose epilogues can take in
     the neighbouring bias, GELU and residual kernels), benchmarked in a subprocess.
 --profile FILE: after timing, profile 3 steps and write GPU time per kernel and per kind of kernel.
@@ -39,6 +43,7 @@ args = parser.parse_args()
 import gpt2repro.config  # noqa: E402
 import gpt2repro.loss  # noqa: E402
 import gpt2repro.model  # noqa: E402
+import gpt2repro.train  # noqa: E402
 import torch._inductor.config as inductor  # noqa: E402
 
 
@@ -69,6 +74,22 @@ def apply(lever: str) -> None:
     elif lever == "bf16-residual":
         block_forward = gpt2repro.model.Block.forward
         gpt2repro.model.Block.forward = lambda self, x, kv_cache=None: block_forward(self, x.to(torch.bfloat16), kv_cache)
+    elif lever == "compile-ends":
+        trainer_init = gpt2repro.train.Trainer.__init__
+
+        def init(self, *a, **kw):
+            trainer_init(self, *a, **kw)
+            for module in (self.raw_model.transformer.wte, self.raw_model.transformer.wpe, self.raw_model.transformer.ln_f):
+                module.compile()
+
+        gpt2repro.train.Trainer.__init__ = init
+    elif lever == "nested-region":
+        gpt2repro.model.Block.forward = torch.compiler.nested_compile_region(gpt2repro.model.Block.forward)
+        apply("model-compile")
+    elif lever == "tile-reductions":
+        inductor.triton.tile_reductions = True
+    elif lever.startswith("xent-"):
+        gpt2repro.loss.XENT_BLOCK, gpt2repro.loss.XENT_WARPS = map(int, lever.split("-")[1:])
     elif lever == "cudagraphs":
         _compile = torch.compile
         torch.compile = lambda model, **kwargs: _compile(model, mode="reduce-overhead", **kwargs)
