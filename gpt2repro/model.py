@@ -13,10 +13,10 @@ import math
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2_VOCAB_SIZE, GPTConfig
 from .errors import UserError
-from .gelu import mlp
 from .loss import linear_cross_entropy
 
 logger = logging.getLogger(__name__)
@@ -78,11 +78,12 @@ class MLP(nn.Module):
         self.c_proj.is_residual_projection = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            # the GELU output is not kept for backward, which recomputes it with the gradients in one
-            # kernel (gelu.py): 2 bytes x 4C per token and layer less memory (4.5 GiB at B=64, T=1024)
-            return mlp(x, self.c_fc, self.c_proj)
-        return self.c_proj(self.act(self.c_fc(x)))
+        h = self.c_fc(x)
+        if torch.is_grad_enabled() and h.requires_grad:
+            # backward recomputes the GELU from h instead of keeping its output: 2 bytes x 4C per token
+            # and layer less memory (4.5 GiB at the 124M model's B=64, T=1024) for ~1% more GPU time
+            return self.c_proj(checkpoint(self.act, h, use_reentrant=False))
+        return self.c_proj(self.act(h))
 
 
 class Block(nn.Module):

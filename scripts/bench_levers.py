@@ -11,8 +11,6 @@ save-gelu: the MLP keeps its GELU output for backward instead of recomputing it 
 cudagraphs: torch.compile(mode="reduce-overhead"), replaying each graph's kernels as a CUDA graph.
 model-compile: compile_scope=model, one graph for the whole model (the default compiles one Block graph).
 bf16-residual: the residual stream between blocks in bf16 instead of autocast's fp32.
-checkpoint-gelu: the GELU recomputed in backward by torch.utils.checkpoint (inductor's kernels), not
-    by gelu.py's one Triton kernel.
 compile-ends: with the Block graph, also compile the embeddings and the final LayerNorm.
 nested-region: compile the whole model, each Block a nested compile region traced once.
 tile-reductions: inductor's 2-D tiled reductions (LayerNorm and bias gradients).
@@ -76,11 +74,6 @@ def apply(lever: str) -> None:
     elif lever == "bf16-residual":
         block_forward = gpt2repro.model.Block.forward
         gpt2repro.model.Block.forward = lambda self, x, kv_cache=None: block_forward(self, x.to(torch.bfloat16), kv_cache)
-    elif lever == "checkpoint-gelu":
-        from torch.utils.checkpoint import checkpoint
-
-        gpt2repro.model.MLP.forward = lambda self, x: self.c_proj(
-            checkpoint(self.act, self.c_fc(x), use_reentrant=False) if torch.is_grad_enabled() else self.act(self.c_fc(x)))
     elif lever == "compile-ends":
         trainer_init = gpt2repro.train.Trainer.__init__
 

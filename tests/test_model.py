@@ -111,37 +111,6 @@ def test_model_training_loss_and_gradients_equal_those_through_full_logits():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-13, msg=name)
 
 
-def _mlp_grads(forward, x, c_fc, c_proj):
-    for t in (x, c_fc.weight, c_fc.bias, c_proj.weight, c_proj.bias):
-        t.grad = None
-    y = forward(x)
-    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()  # a gradient that varies per element
-    return y.detach(), [t.grad.clone() for t in (x, c_fc.weight, c_fc.bias, c_proj.weight, c_proj.bias)]
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-def test_mlp_with_its_own_backward_equals_autograd_through_the_plain_layers(autocast):
-    from gpt2repro.gelu import mlp
-
-    torch.manual_seed(0)
-    dtype = torch.float32 if autocast else torch.float64
-    c_fc, c_proj = torch.nn.Linear(16, 64).to(dtype), torch.nn.Linear(64, 16).to(dtype)
-    x = torch.randn(3, 7, 16, dtype=dtype, requires_grad=True)
-    plain = lambda x: c_proj(F.gelu(c_fc(x), approximate="tanh"))  # noqa: E731
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        y, grads = _mlp_grads(lambda x: mlp(x, c_fc, c_proj), x, c_fc, c_proj)
-        ref_y, ref_grads = _mlp_grads(plain, x, c_fc, c_proj)
-    assert y.dtype == ref_y.dtype and y.shape == ref_y.shape
-    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(y, ref_y, **tol)
-    for ours, ref in zip(grads, ref_grads):
-        assert ours.dtype == dtype
-        if autocast:  # bf16 operands on both sides, rounded in different places
-            assert (ours - ref).norm() / ref.norm() < 1e-2
-        else:
-            torch.testing.assert_close(ours, ref, **tol)
-
-
 def test_compiled_training_loss_is_one_graph_with_the_eager_loss_and_gradients():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=320, n_layer=1, n_head=2, n_embd=16))
