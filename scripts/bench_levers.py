@@ -12,6 +12,8 @@ cudagraphs: torch.compile(mode="reduce-overhead"), replaying each graph's kernel
 model-compile: compile_scope=model, one graph for the whole model (the default compiles one Block graph).
 bf16-residual: the residual stream between blocks in bf16 instead of autocast's fp32.
 compile-ends: with the Block graph, also compile the embeddings and the final LayerNorm.
+compile-head: with the Block graph, also compile the training forward's two ends as functions: the
+    embedding sum, and the final LayerNorm with the loss (its casts and gradient scaling).
 nested-region: compile the whole model, each Block a nested compile region traced once.
 tile-reductions: inductor's 2-D tiled reductions (LayerNorm and bias gradients).
 xent-BLOCK-WARPS: the loss kernel with this block size and number of warps.
@@ -83,6 +85,28 @@ def apply(lever: str) -> None:
                 module.compile()
 
         gpt2repro.train.Trainer.__init__ = init
+    elif lever == "compile-head":
+        gpt_forward = gpt2repro.model.GPT.forward
+
+        @torch.compile(fullgraph=True)
+        def embed(model, idx):
+            pos = torch.arange(idx.size(1), device=idx.device)
+            return model.transformer.wte(idx) + model.transformer.wpe(pos)
+
+        @torch.compile(fullgraph=True)
+        def head(model, x, targets):
+            x = model.transformer.ln_f(x)
+            return gpt2repro.model.linear_cross_entropy(x.view(-1, x.size(-1)), model.lm_head.weight, targets.reshape(-1), -1)
+
+        def forward(self, idx, targets=None, kv_cache=None, return_logits=None):
+            if targets is None or kv_cache is not None or return_logits:
+                return gpt_forward(self, idx, targets, kv_cache, return_logits)
+            x = embed(self, idx)
+            for block in self.transformer.h:
+                x = block(x)
+            return None, head(self, x, targets)
+
+        gpt2repro.model.GPT.forward = forward
     elif lever == "nested-region":
         gpt2repro.model.Block.forward = torch.compiler.nested_compile_region(gpt2repro.model.Block.forward)
         apply("model-compile")
