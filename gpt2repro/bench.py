@@ -16,9 +16,10 @@ from typing import Callable
 
 import torch
 
+from . import attention
 from .config import MODEL_PRESETS, TRAIN_PRESETS, TrainConfig
 from .errors import UserError
-from .train import Trainer, peak_flops
+from .train import Trainer, peak_flops, resolve_mixed_precision
 
 
 def _time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, list[float]]:
@@ -141,6 +142,7 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
         "steps": steps,
         "compile": cfg.compile,
         "mixed_precision": cfg.mixed_precision,
+        "attention": attention.backend(device, resolve_mixed_precision(cfg.mixed_precision)),
         "mfu_formula": "tokens/s * (6*N_matmul + 6*n_layer*n_embd*seq) / peak bf16 FLOP/s",
     }
     peak = peak_flops(device)
@@ -167,7 +169,8 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
 
 def print_table(result: dict) -> None:
     print(f"device {result['device']} | torch {result['torch']} (CUDA {result['cuda']}) | "
-          f"B={result['batch']} T={result['seq']} | {result['mixed_precision']} | compile {result['compile']}")
+          f"B={result['batch']} T={result['seq']} | {result['mixed_precision']} | compile {result['compile']} | "
+          f"attention {result['attention']}")
     print(f"{'':6} {'tokens/s':>12} {'ms/step':>9} {'MFU':>7} {'peak GiB':>9} {'first step s':>13}")
     for name in ("ours", "hf"):
         if f"{name}_tokens_per_sec" in result:

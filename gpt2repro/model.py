@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention import causal_attention
 from .config import GPT2_VOCAB_SIZE, GPTConfig
 from .errors import UserError
 from .loss import linear_cross_entropy
@@ -50,14 +51,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.is_residual_projection = True
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if kv_cache is None:
+            return self.c_proj(causal_attention(qkv, self.n_head))
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = qkv.split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if kv_cache is None or kv_cache.length == 0:
-            if kv_cache is not None:
-                kv_cache.update(self.layer, k, v)
+        if kv_cache.length == 0:
+            kv_cache.update(self.layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             k, v = kv_cache.update(self.layer, k, v)  # (B, nh, S, hs), S = cached + T

@@ -29,6 +29,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object, is_tensorboard_available, is_wandb_available, parse_flag_from_env
 from tqdm.auto import tqdm
 
+from . import attention
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .errors import UserError
@@ -352,6 +353,7 @@ class Trainer:
             f"{cfg.total_batch_size:,}", cfg.micro_batch_size, cfg.seq_len, self.world_size, self.grad_accum_steps,
             acc.mixed_precision, self.device, f"on ({cfg.compile_scope})" if cfg.compile else "off",
         )
+        logger.info("attention: %s", attention.backend(self.device, acc.mixed_precision))
         if self.resumed_from:
             logger.info("resumed from %s at step %d", self.resumed_from, self.step)
 

@@ -6,6 +6,7 @@ default: the step as `train` runs it.
 plain-loss: the loss through the full (B*T, V) logits, as before the chunked loss (loss.py).
 chunk-N: the chunked loss with N rows per chunk (the default is loss.CHUNK_ROWS).
 flash / cudnn: scaled_dot_product_attention limited to FlashAttention-2 / cuDNN attention.
+sdpa: scaled_dot_product_attention even where flash-attn-4's kernels are installed (attention.py).
 cdt: inductor's coordinate-descent tuning of its generated kernels.
 save-gelu: the MLP keeps its GELU output for backward instead of recomputing it there.
 cudagraphs: torch.compile(mode="reduce-overhead"), replaying each graph's kernels as a CUDA graph.
@@ -42,6 +43,7 @@ parser.add_argument("--profile", metavar="FILE")
 parser.add_argument("--memory", metavar="FILE")
 args = parser.parse_args()
 
+import gpt2repro.attention  # noqa: E402
 import gpt2repro.config  # noqa: E402
 import gpt2repro.loss  # noqa: E402
 import gpt2repro.model  # noqa: E402
@@ -55,6 +57,8 @@ def apply(lever: str) -> None:
             F.linear(x, w).float(), targets, ignore_index=ignore_index)
     elif lever.startswith("chunk-"):
         gpt2repro.loss.CHUNK_ROWS = int(lever.removeprefix("chunk-"))
+    elif lever == "sdpa":
+        gpt2repro.attention.ENABLED = False
     elif lever == "flash":
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.enable_mem_efficient_sdp(False)

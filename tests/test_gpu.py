@@ -91,6 +91,48 @@ def test_triton_chunked_loss_matches_plain_cross_entropy(dtype):
         assert ours.dtype == torch.float32 and (ours - ref).norm() / ref.norm() < tol
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cudnn_flash_attention_matches_sdpa_in_output_and_gradients(compiled):
+    from gpt2repro import attention
+
+    torch.manual_seed(0)
+    qkv = torch.randn(4, 256, 3 * 192, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # 3 heads of 64
+    if not attention.fused_supported(qkv, 3):
+        pytest.skip("flash-attn-4 is not installed or the GPU is older than Hopper")
+    grad_y = torch.randn(4, 256, 192, device="cuda", dtype=torch.bfloat16)
+    fn = torch.compile(attention.causal_attention, fullgraph=True) if compiled else attention.causal_attention
+
+    def output_and_grad(enabled):
+        attention.ENABLED = enabled
+        try:
+            qkv.grad = None
+            y = fn(qkv, 3)
+            y.backward(grad_y)
+            return y.float(), qkv.grad.float()
+        finally:
+            attention.ENABLED = True
+
+    (y, grad), (ref_y, ref_grad) = output_and_grad(True), output_and_grad(False)
+    q, k, v = (t.transpose(1, 2).float() for t in attention._heads(qkv.detach(), 3))
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(y.shape)
+    assert (y - exact).norm() / exact.norm() < 1e-2 and (ref_y - exact).norm() / exact.norm() < 1e-2  # bf16 rounding
+    for g, rg in zip(grad.chunk(3, dim=-1), ref_grad.chunk(3, dim=-1)):  # q, k and v gradients
+        assert (g - rg).norm() / rg.norm() < 2e-2
+    scores = (q @ k.transpose(-1, -2)) / 8.0  # head size 64
+    scores = scores.masked_fill(~torch.ones(256, 256, dtype=torch.bool, device="cuda").tril(), float("-inf"))
+    lse = attention._attention(qkv.detach(), 3)[1]
+    assert lse.shape == (4, 3, 256) and torch.allclose(lse, scores.logsumexp(-1), atol=2e-2)  # natural log, as the backward needs
+
+
+def test_cudnn_flash_attention_operators_pass_opcheck():
+    from gpt2repro import attention
+
+    qkv = torch.randn(2, 128, 3 * 192, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if not attention.fused_supported(qkv, 3):
+        pytest.skip("flash-attn-4 is not installed or the GPU is older than Hopper")
+    torch.library.opcheck(attention._attention, (qkv, 3))
+
+
 def test_compiled_chunked_loss_holds_one_chunk_of_logits_at_a_time():
     from gpt2repro.loss import linear_cross_entropy
 
