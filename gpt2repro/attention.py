@@ -34,7 +34,7 @@ def _flash_backward():
     return _flash_attn_bwd
 
 
-def _heads(qkv: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_heads(qkv: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T, 3C) -> q, k, v as (B, T, nh, hs) views, no copy."""
     B, T, C3 = qkv.shape
     return qkv.view(B, T, 3, n_head, C3 // (3 * n_head)).unbind(2)
@@ -44,7 +44,7 @@ def _heads(qkv: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor, 
 def _attention(qkv: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(output (B, T, nh, hs), log-sum-exp of each row's scores (B, nh, T) in fp32), by cuDNN."""
     B, T, _ = qkv.shape
-    q, k, v = (t.transpose(1, 2) for t in _heads(qkv, n_head))  # (B, nh, T, hs) views
+    q, k, v = (t.transpose(1, 2) for t in split_heads(qkv, n_head))  # (B, nh, T, hs) views
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True)[:2]
     return out.transpose(1, 2).contiguous(), lse.reshape(B, n_head, T)  # cuDNN already wrote (B, T, nh, hs)
 
@@ -60,8 +60,8 @@ def _attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Te
                         n_head: int) -> torch.Tensor:
     """d loss / d qkv by FlashAttention-4, the q, k and v gradients written into one (B, T, 3C) tensor."""
     grad_qkv = torch.empty_like(qkv)
-    dq, dk, dv = _heads(grad_qkv, n_head)
-    q, k, v = _heads(qkv, n_head)
+    dq, dk, dv = split_heads(grad_qkv, n_head)
+    q, k, v = split_heads(qkv, n_head)
     _flash_backward()(q, k, v, out, grad_out, lse, causal=True, dq=dq, dk=dk, dv=dv)
     return grad_qkv
 
@@ -91,19 +91,22 @@ def _fused_available(device_index: int) -> bool:
             and torch.cuda.get_device_capability(device_index)[0] >= 9)
 
 
+def _fused_on(device: torch.device) -> bool:
+    return ENABLED and device.type == "cuda" and _fused_available(device.index)
+
+
 def fused_supported(qkv: torch.Tensor, n_head: int) -> bool:
     """Whether the cuDNN + FlashAttention-4 path takes this input: flash-attn-4 installed, cuDNN
     attention enabled, a CUDA GPU of compute capability 9.0 or newer, bf16, a head size that is a
     multiple of 8 up to 256."""
     head_dim = qkv.size(-1) // (3 * n_head)
-    return (ENABLED and qkv.is_cuda and qkv.dtype == torch.bfloat16 and head_dim % 8 == 0
-            and head_dim <= 256 and _fused_available(qkv.device.index))
+    return qkv.dtype == torch.bfloat16 and head_dim % 8 == 0 and head_dim <= 256 and _fused_on(qkv.device)
 
 
 def backend(device: torch.device, mixed_precision: str) -> str:
     """The attention kernels that training under `mixed_precision` ("bf16", "fp16" or "no") uses on
     this device, for logs and benchmark reports."""
-    fused = ENABLED and device.type == "cuda" and mixed_precision == "bf16" and _fused_available(device.index)
+    fused = mixed_precision == "bf16" and _fused_on(device)
     return "cuDNN forward + flash-attn-4 backward" if fused else "scaled_dot_product_attention"
 
 
@@ -112,6 +115,6 @@ def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     B, T, C3 = qkv.shape
     if fused_supported(qkv, n_head):
         return _attention(qkv, n_head)[0].view(B, T, C3 // 3)
-    q, k, v = (t.transpose(1, 2) for t in _heads(qkv, n_head))  # (B, nh, T, hs)
+    q, k, v = (t.transpose(1, 2) for t in split_heads(qkv, n_head))  # (B, nh, T, hs)
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return y.transpose(1, 2).contiguous().view(B, T, C3 // 3)  # re-assemble the heads side by side

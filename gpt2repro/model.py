@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import causal_attention
+from .attention import causal_attention, split_heads
 from .config import GPT2_VOCAB_SIZE, GPTConfig
 from .errors import UserError
 from .loss import linear_cross_entropy
@@ -44,7 +44,6 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
         self.layer = layer
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
@@ -55,10 +54,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             return self.c_proj(causal_attention(qkv, self.n_head))
         B, T, C = x.size()
-        q, k, v = qkv.split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = (t.transpose(1, 2) for t in split_heads(qkv, self.n_head))  # (B, nh, T, hs)
         if kv_cache.length == 0:
             kv_cache.update(self.layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -113,7 +113,7 @@ def test_cudnn_flash_attention_matches_sdpa_in_output_and_gradients(compiled):
             attention.ENABLED = True
 
     (y, grad), (ref_y, ref_grad) = output_and_grad(True), output_and_grad(False)
-    q, k, v = (t.transpose(1, 2).float() for t in attention._heads(qkv.detach(), 3))
+    q, k, v = (t.transpose(1, 2).float() for t in attention.split_heads(qkv.detach(), 3))
     exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(y.shape)
     assert (y - exact).norm() / exact.norm() < 1e-2 and (ref_y - exact).norm() / exact.norm() < 1e-2  # bf16 rounding
     for g, rg in zip(grad.chunk(3, dim=-1), ref_grad.chunk(3, dim=-1)):  # q, k and v gradients
