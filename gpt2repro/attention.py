@@ -16,11 +16,13 @@ The kernels are wrapped as custom operators, so `torch.compile` keeps them opaqu
 from __future__ import annotations
 
 import functools
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch.nn import functional as F
 
 ENABLED = True  # set False to force scaled_dot_product_attention
+_compiling: Future | None = None  # the background compilation of the backward kernel (`precompile`)
 
 
 @functools.cache
@@ -59,6 +61,12 @@ def _(qkv, n_head):
 def _attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                         n_head: int) -> torch.Tensor:
     """d loss / d qkv by FlashAttention-4, the q, k and v gradients written into one (B, T, 3C) tensor."""
+    if _compiling is not None:
+        _compiling.result()  # the kernel this call needs may still be compiling
+    return _flash_backward_into(grad_out, qkv, out, lse, n_head)
+
+
+def _flash_backward_into(grad_out, qkv, out, lse, n_head: int) -> torch.Tensor:
     grad_qkv = torch.empty_like(qkv)
     dq, dk, dv = split_heads(grad_qkv, n_head)
     q, k, v = split_heads(qkv, n_head)
@@ -99,8 +107,40 @@ def fused_supported(qkv: torch.Tensor, n_head: int) -> bool:
     """Whether the cuDNN + FlashAttention-4 path takes this input: flash-attn-4 installed, cuDNN
     attention enabled, a CUDA GPU of compute capability 9.0 or newer, bf16, a head size that is a
     multiple of 8 up to 256."""
-    head_dim = qkv.size(-1) // (3 * n_head)
-    return qkv.dtype == torch.bfloat16 and head_dim % 8 == 0 and head_dim <= 256 and _fused_on(qkv.device)
+    return _fused_takes(qkv.dtype, qkv.size(-1) // (3 * n_head), qkv.device)
+
+
+def _fused_takes(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
+    return dtype == torch.bfloat16 and head_dim % 8 == 0 and head_dim <= 256 and _fused_on(device)
+
+
+def precompile(device: torch.device, n_head: int, n_embd: int, seq_len: int) -> Future | None:
+    """Start compiling FlashAttention-4's backward kernel for bf16 training at this width and sequence
+    length in a background thread; the first backward pass waits for it. Returns the pending
+    compilation (its result is None), or None off CUDA.
+
+    flash-attn-4 loads its compiler and compiles its kernels in every new process at first use
+    (about 4 s each on an H200), which would otherwise add to the first training step. The kernels
+    depend on the head size, the layout of q, k and v and whether the sequence spans several tiles,
+    not on the batch size: one sequence with the training shapes compiles the kernel the step runs.
+    """
+    global _compiling
+    if not (ENABLED and device.type == "cuda"):
+        return None
+
+    def run():
+        if not _fused_takes(torch.bfloat16, n_embd // n_head, device):  # imports flash-attn-4, if installed
+            return
+        with torch.cuda.device(device), torch.no_grad():  # zeros: the values do not matter, and no RNG advances
+            qkv = torch.zeros(1, seq_len, 3 * n_embd, device=device, dtype=torch.bfloat16)
+            out, lse = _attention(qkv, n_head)
+            _flash_backward_into(torch.zeros_like(out), qkv, out, lse, n_head)
+            torch.cuda.synchronize(device)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-attn-4-compile")
+    _compiling = pool.submit(run)
+    pool.shutdown(wait=False)  # the thread ends with its one task
+    return _compiling
 
 
 def backend(device: torch.device, mixed_precision: str) -> str:

@@ -123,6 +123,9 @@ class Trainer:
         acc = self.accelerator
         self.rank, self.world_size, self.device = acc.process_index, acc.num_processes, acc.device
         self.is_main = acc.is_main_process
+        if acc.mixed_precision == "bf16":
+            # flash-attn-4 (if installed) compiles its attention backward while the model is built and compiled
+            attention.precompile(self.device, cfg.model.n_head, cfg.model.n_embd, cfg.seq_len)
         if cfg.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

@@ -133,6 +133,24 @@ def test_cudnn_flash_attention_operators_pass_opcheck():
     torch.library.opcheck(attention._attention, (qkv, 3))
 
 
+def test_precompile_compiles_the_backward_kernels_a_larger_batch_then_uses():
+    from gpt2repro import attention
+
+    qkv = torch.randn(3, 512, 3 * 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # 2 heads of 128
+    if not attention.fused_supported(qkv, 2):
+        pytest.skip("flash-attn-4 is not installed or the GPU is older than Hopper")
+    from flash_attn.cute import interface
+
+    caches = [interface._flash_attn_bwd.compile_cache, interface._bwd_preprocess.compile_cache,
+              interface._bwd_postprocess_convert.compile_cache]
+    before = [len(c.cache) for c in caches]
+    assert attention.precompile(qkv.device, n_head=2, n_embd=256, seq_len=512).result() is None
+    compiled = [len(c.cache) for c in caches]
+    assert sum(compiled) > sum(before)  # head size 128 is new to this process
+    attention.causal_attention(qkv, 2).sum().backward()
+    assert [len(c.cache) for c in caches] == compiled and torch.isfinite(qkv.grad).all()
+
+
 def test_compiled_chunked_loss_holds_one_chunk_of_logits_at_a_time():
     from gpt2repro.loss import linear_cross_entropy
 
