@@ -18,9 +18,11 @@ compile-head: with the Block graph, also compile the training forward's two ends
 nested-region: compile the whole model, each Block a nested compile region traced once.
 tile-reductions: inductor's 2-D tiled reductions (LayerNorm and bias gradients).
 xent-BLOCK-WARPS: the loss kernel with this block size and number of warps.
+cublaslt: cuBLASLt for every matmul (torch.backends.cuda.preferred_blas_library), not only those with a bias.
 autotune: inductor's GEMM autotuning (cuBLAS against Triton templates, whose epilogues can take in
     the neighbouring bias, GELU and residual kernels), benchmarked in a subprocess.
 --profile FILE: after timing, profile 3 steps and write GPU time per kernel and per kind of kernel.
+--gemms FILE: after timing, profile 3 steps and write each matmul shape's GPU time and TFLOP/s.
 --memory FILE: after timing, write the peak memory of each phase of a step and the tensors alive at
     the step's peak, largest first, with the line of (generated) code that allocated them.
 Each lever needs a fresh process (compilation settings are global), hence a script rather than a flag.
@@ -40,6 +42,7 @@ parser.add_argument("--lever", default="default")
 parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--batch", type=int, default=64)
 parser.add_argument("--profile", metavar="FILE")
+parser.add_argument("--gemms", metavar="FILE")
 parser.add_argument("--memory", metavar="FILE")
 args = parser.parse_args()
 
@@ -67,6 +70,8 @@ def apply(lever: str) -> None:
         torch.backends.cuda.enable_mem_efficient_sdp(False)
     elif lever == "cdt":
         inductor.coordinate_descent_tuning = True
+    elif lever == "cublaslt":
+        torch.backends.cuda.preferred_blas_library("cublaslt")
     elif lever == "autotune":
         inductor.max_autotune_gemm = True
         inductor.max_autotune_gemm_backends = "ATEN,TRITON"
@@ -186,6 +191,36 @@ def profile(path: str) -> None:
     print(open(path).read())
 
 
+def gemms(path: str) -> None:
+    cfg, tokens = bench_setup(args.batch)
+    trainer, step = training_step(cfg, tokens)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key not in ("aten::mm", "aten::addmm") or not e.device_time_total:
+            continue
+        a, b = e.input_shapes[1:3] if e.key == "aten::addmm" else e.input_shapes[:2]
+        (m, k), n = a, b[1]
+        ms = e.device_time_total / 3 / 1000
+        rows.append((ms, e.key, m, n, k, e.count // 3, 2 * m * n * k * (e.count // 3) / ms / 1e9))
+    rows.sort(reverse=True)
+    total_ms = sum(r[0] for r in rows)
+    tflops = sum(r[0] * r[6] for r in rows) / total_ms  # time-weighted mean: total FLOPs over total time
+    with open(path, "w") as f:
+        f.write(f"matmuls per step: {total_ms:.2f} ms, {tflops:.0f} TFLOP/s ({args.lever})\n\n")
+        f.write("     ms/step  TFLOP/s  calls  op           M x N x K\n")
+        for ms, key, m, n, k, calls, tflops in rows:
+            f.write(f"{ms:12.3f} {tflops:8.1f} {calls:6d}  {key:12s} {m} x {n} x {k}\n")
+    print(open(path).read())
+
+
 def memory(path: str) -> None:
     import linecache
 
@@ -256,5 +291,7 @@ result.update(lever=args.lever, wall_s=round(time.perf_counter() - start, 1))
 print(json.dumps(result), flush=True)
 if args.profile:
     profile(args.profile)
+if args.gemms:
+    gemms(args.gemms)
 if args.memory:
     memory(args.memory)
