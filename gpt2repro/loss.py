@@ -24,7 +24,7 @@ except ImportError:  # CPU-only installs: the PyTorch path below is used
     triton = None
 
 CHUNK_ROWS = 8192  # rows of logits alive at once: 8192 x 50,304 bf16 is 0.8 GB
-XENT_BLOCK, XENT_WARPS = 8192, 16  # the softmax kernel's columns per iteration and warps per row (fastest of 64 tried on an H200)
+XENT_BLOCK, XENT_WARPS = 8192, 16  # the softmax kernel's columns per iteration and warps per row (BENCHMARKS.md)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
