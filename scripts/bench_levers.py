@@ -150,16 +150,22 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def profile(path: str) -> None:
+def profiled_steps(**profiler_args) -> torch.profiler.profile:
+    """A fresh step, 3 unprofiled steps of it, then the profile of 3 more, each synchronised as the bench times it."""
     cfg, tokens = bench_setup(args.batch)
-    trainer, step = training_step(cfg, tokens)
+    _, step = training_step(cfg, tokens)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(**profiler_args) as prof:
         for _ in range(3):
             step()
-            torch.cuda.synchronize()  # as the bench times each step
+            torch.cuda.synchronize()
+    return prof
+
+
+def profile(path: str) -> None:
+    prof = profiled_steps(activities=[torch.profiler.ProfilerActivity.CUDA])
     rows = [(e.key, e.self_device_time_total / 3 / 1000, e.count // 3) for e in prof.key_averages()
             if e.self_device_time_total > 0]
     # where the GPU waits: idle gaps between consecutive kernels, by the kernel that follows them
@@ -192,16 +198,8 @@ def profile(path: str) -> None:
 
 
 def gemms(path: str) -> None:
-    cfg, tokens = bench_setup(args.batch)
-    trainer, step = training_step(cfg, tokens)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
+    prof = profiled_steps(activities=activities, record_shapes=True)
     rows = []
     for e in prof.key_averages(group_by_input_shape=True):
         if e.key not in ("aten::mm", "aten::addmm") or not e.device_time_total:
@@ -216,8 +214,8 @@ def gemms(path: str) -> None:
     with open(path, "w") as f:
         f.write(f"matmuls per step: {total_ms:.2f} ms, {tflops:.0f} TFLOP/s ({args.lever})\n\n")
         f.write("     ms/step  TFLOP/s  calls  op           M x N x K\n")
-        for ms, key, m, n, k, calls, tflops in rows:
-            f.write(f"{ms:12.3f} {tflops:8.1f} {calls:6d}  {key:12s} {m} x {n} x {k}\n")
+        for ms, key, m, n, k, calls, rate in rows:
+            f.write(f"{ms:12.3f} {rate:8.1f} {calls:6d}  {key:12s} {m} x {n} x {k}\n")
     print(open(path).read())
 
 
