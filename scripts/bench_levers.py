@@ -188,9 +188,10 @@ def profile(path: str) -> None:
         f.write(f"GPU time per step: {total:.1f} ms ({args.lever})\n\n")
         for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
             f.write(f"{ms:8.2f} ms {100 * ms / total:5.1f}%  {kind}\n")
-        f.write(f"\nfirst to last kernel: {span:.1f} ms per step; idle gaps over 20 us before:\n")
+        f.write(f"\nfirst to last kernel: {span:.1f} ms per step; idle gaps over 20 us (ms per step, "
+                "count in the 3 steps) before:\n")
         for name, (ms, count) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:12]:
-            f.write(f"{ms:8.2f} ms {count // 3:4d}x  {name}\n")
+            f.write(f"{ms:8.2f} ms {count:4d}x  {name}\n")
         f.write("\n   ms/step  calls  kernel\n")
         for name, ms, calls in rows[:60]:
             f.write(f"{ms:10.3f} {calls:6d}  {name[:160]}\n")
