@@ -1,7 +1,8 @@
 """Command line: `gpt2repro <command>` or `python -m gpt2repro <command>`.
 
 Each command parses its arguments here and hands plain values to the module that owns the work.
-Bad input raises UserError, printed as one line on stderr with exit status 2.
+Bad input raises UserError, printed as one line on stderr with exit status 2. Training that stops
+before max_steps with a checkpoint saved (SIGTERM, stop_after_steps) exits with status 75: rerun to resume.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ def _cmd_prepare(args) -> None:
     print(describe_data_dir(args.out))
 
 
-def _cmd_train(args) -> None:
+def _cmd_train(args) -> int:
     from .config import load_train_config
-    from .train import train
+    from .train import EXIT_STOPPED_EARLY, train
 
     cfg = load_train_config(args.preset, args.config, [item for group in args.set for item in group])
-    train(cfg, args.data, args.out)
+    return 0 if train(cfg, args.data, args.out).finished else EXIT_STOPPED_EARLY
 
 
 def _cmd_bench(args) -> None:
@@ -42,7 +43,7 @@ def _cmd_bench(args) -> None:
 
 
 def _cmd_export(args) -> None:
-    from .export import export_checkpoint
+    from .hf.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} -> {out}")
@@ -51,10 +52,11 @@ def _cmd_export(args) -> None:
 def _cmd_eval(args) -> None:
     import json
 
-    from .evaluation import evaluate_model, format_results
+    from .eval.command import evaluate_model, format_results
+    from .hf import load_model
 
     results = evaluate_model(
-        args.model, hellaswag=args.hellaswag, split=args.split, data_dir=args.data, val_batches=args.val_batches,
+        lambda: load_model(args.model), hellaswag=args.hellaswag, split=args.split, data_dir=args.data, val_batches=args.val_batches,
         val_batch_size=args.val_batch_size, batch_size=args.batch_size, device=args.device,
         progress=not args.json and sys.stderr.isatty(),
     )
@@ -62,12 +64,12 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_sample(args) -> None:
-    from .evaluation import inference_device
+    from .eval.device import inference_device
+    from .eval.sample import stream_samples
     from .hf import load_model
-    from .sampling import stream_samples
 
-    model = load_model(args.model)
     device, autocast_dtype = inference_device(args.device)
+    model = load_model(args.model)
     stream_samples(
         model.to(device), args.prompt, num=args.num, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
         seed=args.seed, device=device, autocast_dtype=autocast_dtype,
@@ -81,7 +83,7 @@ def _cmd_plot(args) -> None:
 
 
 def _cmd_push(args) -> None:
-    from .hf import push_to_hub
+    from .hf.hub import push_to_hub
 
     plan = push_to_hub(args.dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
     visibility = "private" if plan["private"] else "public"
@@ -183,14 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except UserError as e:
         print(f"gpt2repro {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gpt2repro {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -16,10 +16,15 @@ from typing import Callable
 
 import torch
 
-from . import attention
 from .config import MODEL_PRESETS, TRAIN_PRESETS, TrainConfig
 from .errors import UserError
-from .train import Trainer, peak_flops, resolve_mixed_precision
+from .model.attention import backend as attention_backend
+from .train import Trainer, build_optimizer
+from .train.launch import resolve_mixed_precision
+from .train.metrics import MFU_FORMULA, mfu, peak_flops
+
+
+CPU_TOKENS = 4096  # largest step bench runs on a CPU: the 124M model's activations grow with it
 
 
 def _time_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, list[float]]:
@@ -75,22 +80,16 @@ def bench_ours(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int) 
 
 
 def bench_hf(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int, device: torch.device) -> dict:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    m = cfg.model
-    hf_config = GPT2Config(
-        n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
+    from .hf.convert import config_to_hf
+
+    hf_config = config_to_hf(cfg.model)  # GPT-2's own 50,257-token vocabulary, as people train HF's model
     hf_config._attn_implementation = "sdpa"
     torch.manual_seed(cfg.seed)
     model = GPT2LMHeadModel(hf_config).to(device).train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda",
-    )
+    optimizer, _ = build_optimizer(model.named_parameters(), cfg.weight_decay, cfg.max_lr,
+                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     compiled = torch.compile(model) if cfg.compile else model
     x = tokens[:, :-1].contiguous().to(device)
     dtype = torch.bfloat16 if cfg.mixed_precision in ("bf16", "auto") and device.type == "cuda" else None
@@ -142,8 +141,8 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
         "steps": steps,
         "compile": cfg.compile,
         "mixed_precision": cfg.mixed_precision,
-        "attention": attention.backend(device, resolve_mixed_precision(cfg.mixed_precision)),
-        "mfu_formula": "tokens/s * (6*N_matmul + 6*n_layer*n_embd*seq) / peak bf16 FLOP/s",
+        "attention": attention_backend(device, resolve_mixed_precision(cfg.mixed_precision), cfg.attention),
+        "mfu_formula": MFU_FORMULA,
     }
     peak = peak_flops(device)
     flops_per_token = cfg.model.flops_per_token(seq)
@@ -153,7 +152,8 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
         tokens_per_sec = batch * seq / (ms / 1000)
         result[f"{name}_ms_per_step"] = round(ms, 2)
         result[f"{name}_tokens_per_sec"] = round(tokens_per_sec)
-        result[f"{name}_mfu"] = round(tokens_per_sec * flops_per_token / peak, 4) if peak else None
+        utilisation = mfu(tokens_per_sec, flops_per_token, peak)
+        result[f"{name}_mfu"] = round(utilisation, 4) if utilisation is not None else None
         result[f"{name}_peak_gib"] = round(measured["peak_gib"], 2) if measured["peak_gib"] is not None else None
         result[f"{name}_first_step_s"] = round(measured["first_step_s"], 1)  # compilation included
 
@@ -188,6 +188,9 @@ def print_table(result: dict) -> None:
 def main(args) -> None:
     if min(args.steps, args.warmup, args.batch, args.seq) < 1:
         raise UserError("--steps, --warmup, --batch and --seq must be positive")
+    if not torch.cuda.is_available() and args.batch * args.seq > CPU_TOKENS:
+        raise UserError(f"no CUDA GPU here: on the CPU, bench at most {CPU_TOKENS:,} tokens per step "
+                        f"(e.g. --batch 4 --seq 256); {args.batch} x {args.seq} would need tens of GB of memory")
     result = run_bench(args.batch, args.seq, args.steps, args.warmup, args.compare == "hf", model=args.model)
     if args.json:
         print(json.dumps(result))

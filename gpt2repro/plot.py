@@ -2,42 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from . import io
 from .errors import UserError
-
-
-def read_log(run_dir) -> list[dict]:
-    """The records of RUN/log.jsonl in order. A last line cut short (a crash mid-write) is skipped."""
-    path = Path(run_dir).expanduser() / "log.jsonl"
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; is {run_dir} a run directory?") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path} ({e})") from None
-    records = []
-    for line_number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if line_number == len(lines):  # no newline after it: the writer was interrupted
-                break
-            raise UserError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise UserError(f"{path}:{line_number}: expected a JSON object with an integer 'step'")
-        records.append(record)
-    return records
-
-
-def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one metric; a step logged again after a resume keeps its latest value."""
-    by_step = {r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float))}
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
+from .eval.hellaswag import REFERENCE_SCORES
+from .run_dir import RunDir, series
 
 
 def plot_run(run_dir, out=None, log_steps: bool = False, compare=()) -> Path:
@@ -51,13 +21,11 @@ def plot_run(run_dir, out=None, log_steps: bool = False, compare=()) -> Path:
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    from .evaluation import REFERENCE_SCORES
-
     run_dirs = [Path(r).expanduser() for r in (run_dir, *compare)]
     out = Path(out) if out is not None else run_dirs[0] / "curves.png"
     runs = []
     for path in run_dirs:
-        records = read_log(path)
+        records = RunDir(path).read_log()
         curves = {key: series(records, key) for key in ("train_loss", "val_loss", "hellaswag_acc", "hellaswag_acc_norm")}
         if log_steps:  # step 0 has no place on a log axis
             curves = {k: ([s for s in x if s > 0], [v for s, v in zip(x, y) if s > 0]) for k, (x, y) in curves.items()}
@@ -110,8 +78,7 @@ def plot_run(run_dir, out=None, log_steps: bool = False, compare=()) -> Path:
     fig.suptitle(f"gpt2repro run{'s' * several} {' vs '.join(name for name, _ in runs)}", fontsize=13)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".part")  # never leave a half-written image behind
-    fig.savefig(partial, dpi=120, format="png")
+    with io.atomic_file(out, "wb") as f:  # never leave a half-written image behind
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
-    partial.replace(out)
     return out

@@ -58,3 +58,9 @@ def get_encoding() -> tiktoken.Encoding:
         mergeable_ranks=mergeable_ranks(),
         special_tokens={"<|endoftext|>": EOT_TOKEN},
     )
+
+
+def encode_prompt(text: str) -> list[int]:
+    """A prompt's tokens: `<|endoftext|>` in it is the document separator, and an empty prompt is that
+    separator alone, a document start."""
+    return get_encoding().encode(text, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]

@@ -6,35 +6,33 @@
 #   4. samples, an HF export in runs/quickstart/hf, and a `transformers.pipeline` generating from it
 # Usage: bash scripts/quickstart.sh [TEXT_FILE]
 set -euo pipefail
+TEXT=${1:-}
+case "$TEXT" in "" | /*) ;; *) TEXT=$PWD/$TEXT ;; esac  # a path relative to where the script was started
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  # TORCH_SPEC pins a build (e.g. torch==2.13.0); otherwise the CPU wheel where there is no GPU driver
-  if [ -n "${TORCH_SPEC:-}" ] || command -v nvidia-smi >/dev/null 2>&1; then
-    .venv/bin/python -m pip install --quiet "${TORCH_SPEC:-torch}"
-  else
-    .venv/bin/python -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu \
-      || .venv/bin/python -m pip install --quiet torch
-  fi
-  .venv/bin/python -m pip install --quiet -e .
-fi
-PY=.venv/bin/python
-
-TEXT=${1:-}
-if [ -z "$TEXT" ]; then
+# preflight, before the slow install: the text to train on, downloaded now if it is not cached
+if [ -n "$TEXT" ]; then
+  [ -s "$TEXT" ] || { echo "quickstart: no text file at $TEXT" >&2; exit 1; }
+else
   TEXT=${XDG_CACHE_HOME:-$HOME/.cache}/gpt2repro/tinyshakespeare.txt
   if [ ! -s "$TEXT" ]; then
     mkdir -p "$(dirname "$TEXT")"
     URL=https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
-    curl -fsL --retry 2 -o "$TEXT.part" "$URL" && mv "$TEXT.part" "$TEXT" || {
+    curl -fsL --connect-timeout 5 --max-time 120 -o "$TEXT.part" "$URL" && mv "$TEXT.part" "$TEXT" || {
       rm -f "$TEXT.part"
-      echo "quickstart: cannot download $URL (offline?); run: bash scripts/quickstart.sh PATH_TO_ANY_TEXT_FILE" >&2
+      echo "quickstart: cannot download $URL (offline?); pass a text file instead, e.g. the excerpt in this repository: bash scripts/quickstart.sh $PWD/tests/fixtures/tinyshakespeare.txt" >&2
       exit 1
     }
   fi
 fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  bash scripts/install_torch.sh .venv/bin/python  # TORCH_SPEC pins a build; the CPU wheel where there is no GPU driver
+  .venv/bin/python -m pip install --quiet -e .
+fi
+PY=.venv/bin/python
 
 $PY -m gpt2repro prepare --source "$TEXT" --out data/quickstart --val-tokens 32768 --shard-size 10000000
 $PY -m gpt2repro train --preset tiny --data data/quickstart --out runs/quickstart

@@ -1,4 +1,5 @@
 import math
+import types
 
 import pytest
 
@@ -57,7 +58,11 @@ def test_train_command_applies_preset_then_config_file_then_every_set(tmp_path, 
     import gpt2repro.train
 
     received = {}
-    monkeypatch.setattr(gpt2repro.train, "train", lambda cfg, data, out: received.update(cfg=cfg, data=data, out=out))
+    def train(cfg, data, out):
+        received.update(cfg=cfg, data=data, out=out)
+        return types.SimpleNamespace(finished=True)
+
+    monkeypatch.setattr(gpt2repro.train, "train", train)
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("max_lr: 1e-3\nmax_steps: 70\nmodel:\n  n_layer: 2\n")
     assert main(["train", "--preset", "tiny", "--data", "DATA", "--out", "RUN", "--config", str(yaml_file),

@@ -13,29 +13,25 @@ import numpy as np
 import pytest
 import torch
 
-from corpus import DATA_DIR as SHARED_DATA
-from gpt2repro import data
+from corpus import corpus, is_fixture
 from gpt2repro.config import EOT_TOKEN
-from gpt2repro.data import (
-    FORMAT,
-    TOKENIZER,
-    TokenLoader,
-    prepare,
-    read_manifest,
-    save_shard,
-    shard_entry,
-    validation_batches,
-    verify_data_dir,
-    write_manifest,
-)
+from gpt2repro.data import TokenLoader, prepare, read_manifest, validation_batches, verify_data_dir
+from gpt2repro.data import preparation, sources
+from gpt2repro.data.manifest import FORMAT, TOKENIZER, save_shard, shard_entry, write_manifest
 from gpt2repro.errors import UserError
 from gpt2repro.tokenizer import get_encoding
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-GUTENBERG_VAL = SHARED_DATA / "gutenberg_val.jsonl.xz"
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+GUTENBERG_VAL = corpus("gutenberg_val.jsonl.xz")
+SHAKESPEARE = corpus("tinyshakespeare.txt")
+# the 4-book fixture (92,430 tokens) or the 40 books in ../shared (about 2.5M tokens): either way
+# these settings give a validation shard and three training shards
+GUTENBERG_BOOKS, GUTENBERG_SETTINGS = (
+    (4, dict(shard_size=30_000, val_tokens=20_000)) if is_fixture(GUTENBERG_VAL)
+    else (40, dict(shard_size=1_000_000, val_tokens=300_000))
+)
 
 B, T = 4, 8  # windows of 33 tokens on the synthetic data
 BT = B * T
@@ -100,8 +96,8 @@ def shakespeare_jsonl(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gutenberg_dir(tmp_path_factory) -> Path:
-    return prepare([str(GUTENBERG_VAL)], tmp_path_factory.mktemp("gutenberg") / "data",
-                   shard_size=1_000_000, val_tokens=300_000, num_workers=2)
+    return prepare([str(GUTENBERG_VAL)], tmp_path_factory.mktemp("gutenberg") / "data", **GUTENBERG_SETTINGS,
+                   num_workers=2)
 
 
 def shard_tokens(data_dir: Path) -> np.ndarray:
@@ -129,8 +125,8 @@ def test_shards_hold_every_documents_tokens_after_one_eot(gutenberg_dir):
     np.testing.assert_array_equal(shard_tokens(gutenberg_dir), expected)
     manifest = read_manifest(gutenberg_dir)
     assert [e["split"] for e in manifest["shards"]] == ["val", "train", "train", "train"]
-    assert manifest["shards"][0]["tokens"] == 300_000
-    assert sum(e["documents"] for e in manifest["shards"]) == len(texts) == 40
+    assert manifest["shards"][0]["tokens"] == GUTENBERG_SETTINGS["val_tokens"]
+    assert sum(e["documents"] for e in manifest["shards"]) == len(texts) == GUTENBERG_BOOKS
 
 
 def test_manifest_counts_and_sha256_match_the_files(gutenberg_dir):
@@ -149,7 +145,7 @@ def test_manifest_counts_and_sha256_match_the_files(gutenberg_dir):
 
 
 def test_output_does_not_depend_on_the_number_of_workers(gutenberg_dir, tmp_path):
-    single = prepare([str(GUTENBERG_VAL)], tmp_path / "one", shard_size=1_000_000, val_tokens=300_000, num_workers=1)
+    single = prepare([str(GUTENBERG_VAL)], tmp_path / "one", **GUTENBERG_SETTINGS, num_workers=1)
     assert [e["sha256"] for e in read_manifest(single)["shards"]] == \
            [e["sha256"] for e in read_manifest(gutenberg_dir)["shards"]]
 
@@ -187,7 +183,7 @@ def test_interrupted_prepare_resumes_to_the_uninterrupted_output(shakespeare_jso
         saved.append(path.name)
         return save_shard(path, tokens)
 
-    monkeypatch.setattr(data, "save_shard", crash_while_writing_the_fourth_shard)
+    monkeypatch.setattr(preparation, "save_shard", crash_while_writing_the_fourth_shard)
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         prepare([str(shakespeare_jsonl)], out, **settings)
@@ -206,7 +202,7 @@ def test_interrupted_prepare_resumes_to_the_uninterrupted_output(shakespeare_jso
         rewritten.append(path.name)
         return save_shard(path, tokens)
 
-    monkeypatch.setattr(data, "save_shard", record)
+    monkeypatch.setattr(preparation, "save_shard", record)
     prepare([str(shakespeare_jsonl)], out, **settings)
     monkeypatch.undo()
     # it resumed: the shards finished before the crash were neither rewritten nor touched
@@ -236,7 +232,6 @@ def test_prepare_shows_a_progress_bar_in_tokens_with_documents_per_second(shakes
 
 def test_hub_dataset_is_streamed_through_datasets(tmp_path, monkeypatch):
     import datasets
-    from huggingface_hub import constants
 
     texts = [s for s in SHAKESPEARE.read_text().split("\n\n") if s.strip()][:30]
     calls = []
@@ -246,9 +241,9 @@ def test_hub_dataset_is_streamed_through_datasets(tmp_path, monkeypatch):
         return ({"text": t, "id": i} for i, t in enumerate(texts))
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(data, "_check_reachable", lambda endpoint, where: None)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(sources, "_check_reachable", lambda endpoint, where: None)
     out = prepare(["HuggingFaceFW/fineweb-edu"], tmp_path / "data", name="sample-10BT", shard_size=500,
                   val_tokens=700, num_workers=1)
     # streamed, never downloaded whole: 10B tokens of text need not fit on disk or in memory
@@ -258,12 +253,12 @@ def test_hub_dataset_is_streamed_through_datasets(tmp_path, monkeypatch):
 
 
 def test_other_settings_need_overwrite(shakespeare_jsonl, tmp_path):
-    out = prepare([str(shakespeare_jsonl)], tmp_path / "data", shard_size=100_000, val_tokens=10_000, num_workers=1)
+    out = prepare([str(shakespeare_jsonl)], tmp_path / "data", shard_size=40_000, val_tokens=10_000, num_workers=1)
     with pytest.raises(UserError, match="other settings \\(shard_size differ\\)"):
-        prepare([str(shakespeare_jsonl)], out, shard_size=50_000, val_tokens=10_000, num_workers=1)
-    prepare([str(shakespeare_jsonl)], out, shard_size=50_000, val_tokens=10_000, num_workers=1, overwrite=True)
+        prepare([str(shakespeare_jsonl)], out, shard_size=20_000, val_tokens=10_000, num_workers=1)
+    prepare([str(shakespeare_jsonl)], out, shard_size=20_000, val_tokens=10_000, num_workers=1, overwrite=True)
     train_sizes = [e["tokens"] for e in read_manifest(out)["shards"] if e["split"] == "train"]
-    assert len(train_sizes) > 2 and set(train_sizes[:-1]) == {50_000} and train_sizes[-1] <= 50_000
+    assert len(train_sizes) > 2 and set(train_sizes[:-1]) == {20_000} and train_sizes[-1] <= 20_000
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,18 +13,13 @@ import torch
 from torch.nn import functional as F
 
 from gpt2repro import GPT, GPTConfig
-from gpt2repro import evaluation
+from gpt2repro.eval import hellaswag as evaluation
 from gpt2repro.__main__ import main
-from gpt2repro.checkpoint import save_model_dir
 from gpt2repro.errors import UserError
-from gpt2repro.evaluation import (
-    evaluate_hellaswag,
-    hellaswag_metric_path,
-    load_hellaswag,
-    read_hellaswag,
-    validation_loss,
-)
-from gpt2repro.hf import save_hf
+from gpt2repro.eval.hellaswag import evaluate_hellaswag, hellaswag_metric_path, load_hellaswag, read_hellaswag
+from gpt2repro.eval.validation import validation_loss
+from gpt2repro.hf.export import save_hf
+from helpers import write_model_dir
 
 WORDS = (
     "the a man woman dog ball kitchen garden slowly quickly then walks runs throws picks up down over "
@@ -414,7 +409,7 @@ def test_validation_loss_is_the_mean_over_all_windows_of_all_ranks(model):
 
 def test_cli_eval_json_is_one_line_and_checkpoint_and_export_agree(model, export_dir, tmp_path, capsys):
     checkpoint = tmp_path / "ckpt"
-    save_model_dir(model, checkpoint)
+    write_model_dir(model, checkpoint)
     data = write_hellaswag(tmp_path / "hs.jsonl", n=6)
     outputs = []
     for source in (checkpoint, export_dir):
@@ -449,7 +444,6 @@ def test_cli_eval_table_shows_our_scores_beside_the_reference_models(export_dir,
 
 
 def test_cli_eval_data_reports_the_mean_loss_of_the_data_modules_validation_windows(model, export_dir, monkeypatch, capsys):
-    import types
 
     torch.manual_seed(5)
     windows = torch.randint(0, 50257, (6, 65))
@@ -461,7 +455,9 @@ def test_cli_eval_data_reports_the_mean_loss_of_the_data_modules_validation_wind
         return [(windows[i : i + batch_size, :-1].contiguous(), windows[i : i + batch_size, 1:].contiguous()) for i in starts]
 
     # the data module's own loader is tested with it; here only what eval asks of it and does with it
-    monkeypatch.setitem(sys.modules, "gpt2repro.data", types.SimpleNamespace(validation_batches=validation_batches))
+    import gpt2repro.eval.command
+
+    monkeypatch.setattr(gpt2repro.eval.command, "validation_batches", validation_batches)
     assert main(["eval", "--model", str(export_dir), "--data", "DATA", "--val-batches", "3", "--val-batch-size", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert calls == [("DATA", 2, 64, 3, 0, 1, 50257)]  # full context windows; the export's vocabulary

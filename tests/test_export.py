@@ -9,11 +9,12 @@ import yaml
 
 from gpt2repro import GPT, TrainConfig
 from gpt2repro.__main__ import main
-from gpt2repro.checkpoint import save_checkpoint
 from gpt2repro.errors import UserError
-from gpt2repro.export import export_checkpoint
-from gpt2repro.hf import push_to_hub
-from gpt2repro.plot import plot_run, read_log
+from gpt2repro.hf.export import export_checkpoint
+from gpt2repro.hf.hub import push_to_hub
+from gpt2repro.plot import plot_run
+from gpt2repro.run_dir import RunDir, series
+from helpers import optimizer_for, write_checkpoint
 
 EXPORT_FILES = {
     "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -56,9 +57,10 @@ def run_dir(tmp_path_factory):
     cfg = TrainConfig.from_dict({"model": {"block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}})
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    optimizer = model.configure_optimizers(0.1, 6e-4)
+    optimizer = optimizer_for(model, 0.1, 6e-4)
     for step in (20, 30):
-        save_checkpoint(run / "checkpoints", step, model, optimizer, {"step": step, "tokens": 4096 * step, "config": cfg.to_dict()})
+        write_checkpoint(run / "checkpoints", step, model, optimizer,
+                         {"step": step, "tokens_seen": 4096 * step, "config": cfg.to_dict()})
     write_log(run, training_log())
     return run
 
@@ -221,11 +223,10 @@ def test_plot_without_hellaswag_records_draws_the_loss_panel_alone(tmp_path):
 
 
 def test_run_log_after_a_resume_keeps_the_latest_value_of_a_repeated_step(tmp_path):
-    from gpt2repro.plot import series
 
     records = [{"step": 0, "train_loss": 5.0}, {"step": 1, "train_loss": 4.0}, {"step": 1, "train_loss": 3.5}]
     write_log(tmp_path, records, tail='{"step": 2, "train_lo')  # cut short mid-write
-    assert series(read_log(tmp_path), "train_loss") == ([0, 1], [5.0, 3.5])
+    assert series(RunDir(tmp_path).read_log(), "train_loss") == ([0, 1], [5.0, 3.5])
 
 
 def test_a_malformed_line_inside_the_run_log_is_reported_with_its_line_number(tmp_path):

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from corpus import DATA_DIR as SHARED_DATA
+from corpus import corpus
 from gpt2repro import GPT, GPTConfig
 from gpt2repro.checkpoint import list_checkpoints
 from gpt2repro.config import load_train_config
 from gpt2repro.data import TokenLoader, prepare
+from gpt2repro.hf.convert import gpt_to_hf
 from gpt2repro.train import Trainer, train
 
 pytestmark = pytest.mark.gpu
@@ -25,14 +26,14 @@ GPU_RUN = ["model.n_layer=2", "model.n_embd=128", "model.n_head=2", "model.block
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    return prepare([str(SHARED_DATA / "tinyshakespeare.txt")], tmp_path_factory.mktemp("data") / "d",
+    return prepare([str(corpus("tinyshakespeare.txt"))], tmp_path_factory.mktemp("data") / "d",
                    val_tokens=8192, shard_size=1_000_000, progress=False)
 
 
 def test_bf16_logits_match_gpt2lmheadmodel_on_gpu():
     torch.manual_seed(0)
     ours = GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=4, n_head=4, n_embd=256)).cuda().eval()
-    hf = ours.to_hf().cuda().eval()
+    hf = gpt_to_hf(ours).cuda().eval()
     idx = torch.randint(0, 50257, (4, 256), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         ours_logits = ours(idx)[0].float()
@@ -68,7 +69,7 @@ def test_compiled_chunked_loss_matches_the_full_logits_loss_in_one_graph():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_chunked_loss_matches_plain_cross_entropy(dtype):
-    from gpt2repro.loss import linear_cross_entropy
+    from gpt2repro.model.loss import linear_cross_entropy
 
     torch.manual_seed(0)
     x = torch.randn(5000, 128, device="cuda", requires_grad=True)
@@ -93,7 +94,7 @@ def test_triton_chunked_loss_matches_plain_cross_entropy(dtype):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cudnn_flash_attention_matches_sdpa_in_output_and_gradients(compiled):
-    from gpt2repro import attention
+    from gpt2repro.model import attention
 
     torch.manual_seed(0)
     qkv = torch.randn(4, 256, 3 * 192, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # 3 heads of 64
@@ -102,15 +103,11 @@ def test_cudnn_flash_attention_matches_sdpa_in_output_and_gradients(compiled):
     grad_y = torch.randn(4, 256, 192, device="cuda", dtype=torch.bfloat16)
     fn = torch.compile(attention.causal_attention, fullgraph=True) if compiled else attention.causal_attention
 
-    def output_and_grad(enabled):
-        attention.ENABLED = enabled
-        try:
-            qkv.grad = None
-            y = fn(qkv, 3)
-            y.backward(grad_y)
-            return y.float(), qkv.grad.float()
-        finally:
-            attention.ENABLED = True
+    def output_and_grad(fused):
+        qkv.grad = None
+        y = fn(qkv, 3, fused=fused)
+        y.backward(grad_y)
+        return y.float(), qkv.grad.float()
 
     (y, grad), (ref_y, ref_grad) = output_and_grad(True), output_and_grad(False)
     q, k, v = (t.transpose(1, 2).float() for t in attention.split_heads(qkv.detach(), 3))
@@ -125,7 +122,7 @@ def test_cudnn_flash_attention_matches_sdpa_in_output_and_gradients(compiled):
 
 
 def test_cudnn_flash_attention_operators_pass_opcheck():
-    from gpt2repro import attention
+    from gpt2repro.model import attention
 
     qkv = torch.randn(2, 128, 3 * 192, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     if not attention.fused_supported(qkv, 3):
@@ -134,7 +131,7 @@ def test_cudnn_flash_attention_operators_pass_opcheck():
 
 
 def test_precompile_compiles_the_backward_kernels_a_larger_batch_then_uses():
-    from gpt2repro import attention
+    from gpt2repro.model import attention
 
     qkv = torch.randn(3, 512, 3 * 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # 2 heads of 128
     if not attention.fused_supported(qkv, 2):
@@ -152,7 +149,7 @@ def test_precompile_compiles_the_backward_kernels_a_larger_batch_then_uses():
 
 
 def test_compiled_chunked_loss_holds_one_chunk_of_logits_at_a_time():
-    from gpt2repro.loss import linear_cross_entropy
+    from gpt2repro.model.loss import linear_cross_entropy
 
     rows, chunk, vocab = 32768, 4096, 50304
     x = torch.randn(rows, 256, device="cuda", requires_grad=True)
@@ -204,7 +201,7 @@ def test_compiled_bf16_training_with_validation_hellaswag_samples_and_exact_resu
     assert list(losses_a) == list(range(6))
     for step in losses_a:  # not bitwise: some CUDA backward kernels (embedding, attention) accumulate atomically
         assert losses_b[step] == pytest.approx(losses_a[step], rel=1e-4)
-    assert [r["step"] for r in a if "val_loss" in r] == [0, 3, 5]
+    assert [r["step"] for r in a if "val_loss" in r] == [0, 3, 6]  # 6: after the last update
     assert [r["hellaswag_n"] for r in a if "hellaswag_n" in r] == [12, 12, 12]
     assert all(r["mfu"] is None or 0 < r["mfu"] < 1 for r in a if "train_loss" in r)
     assert "Hello, I'm a language model," in (straight / "samples.txt").read_text()

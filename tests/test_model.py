@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from gpt2repro import GPT, GPTConfig
 from gpt2repro.config import MODEL_PRESETS
 from gpt2repro.errors import UserError
-from gpt2repro.loss import linear_cross_entropy
+from gpt2repro.model.loss import linear_cross_entropy
+from gpt2repro.train import build_optimizer, decay_groups
 
 TINY = GPTConfig(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=16)
 
@@ -157,14 +158,15 @@ def test_generation_with_a_fixed_generator_is_reproducible_and_never_samples_pad
 
 def test_decay_groups_decay_exactly_the_two_dimensional_tensors(caplog):
     model = GPT(TINY)
-    decay, no_decay = model.decay_groups()
+    decay, no_decay = decay_groups(model.named_parameters())
     assert set(decay) == {"transformer.wte.weight", "transformer.wpe.weight"} | {
         f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
     assert all(name.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")) for name in no_decay)
     assert len(no_decay) == 2 * 8 + 2  # per block: 4 linear biases + 2 LayerNorms x (weight, bias); ln_f
-    with caplog.at_level(logging.INFO, logger="gpt2repro.model"):
-        optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
+    with caplog.at_level(logging.INFO, logger="gpt2repro"):
+        optimizer, names = build_optimizer(model.named_parameters(), weight_decay=0.1, lr=1e-3)
+    assert names == decay + no_decay  # the optimizer's parameter order, which checkpoints key its state by
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
     assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8

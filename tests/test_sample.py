@@ -2,8 +2,8 @@ import torch
 
 from gpt2repro import GPT, GPTConfig
 from gpt2repro.__main__ import main
-from gpt2repro.checkpoint import save_model_dir
-from gpt2repro.sampling import TokenTextStream, stream_samples
+from gpt2repro.eval.sample import TokenTextStream, stream_samples
+from helpers import write_model_dir
 from gpt2repro.tokenizer import get_encoding
 
 
@@ -46,7 +46,7 @@ def test_samples_stream_token_by_token_and_equal_the_decoded_generation():
 
 
 def test_sample_cli_prints_num_samples_reproducibly_from_a_checkpoint(tmp_path, capsys):
-    save_model_dir(tiny_model(), tmp_path / "ckpt")
+    write_model_dir(tiny_model(), tmp_path / "ckpt")
     args = ["sample", "--model", str(tmp_path / "ckpt"), "--prompt", "Hello", "--num", "3", "--max-new-tokens", "8", "--seed", "1"]
     assert main(args) == 0
     first = capsys.readouterr().out
@@ -70,7 +70,7 @@ def test_sampling_encodes_the_prompt_once_then_one_token_per_step_from_the_kv_ca
 
 
 def test_sample_cli_flushes_each_piece_to_the_terminal_as_it_is_generated(tmp_path, monkeypatch):
-    save_model_dir(tiny_model(), tmp_path / "ckpt")
+    write_model_dir(tiny_model(), tmp_path / "ckpt")
     events = []
 
     class Terminal:

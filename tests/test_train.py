@@ -12,15 +12,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from corpus import DATA_DIR as SHARED_DATA
+from corpus import corpus
 from gpt2repro import checkpoint
 from gpt2repro.__main__ import main
-from gpt2repro.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from gpt2repro.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from gpt2repro.config import GPTConfig, load_train_config
 from gpt2repro.data import prepare
 from gpt2repro.errors import UserError
 from gpt2repro.model import GPT
-from gpt2repro.train import Trainer, get_lr, train
+from gpt2repro.train import EXIT_STOPPED_EARLY, Trainer, get_lr, train
+from helpers import optimizer_for, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # a small model with the real tokenizer: fast on 2 CPU cores, same code paths as the 124M recipe
@@ -50,7 +51,7 @@ def small_config(*overrides: str):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "shakespeare"
-    return prepare([str(SHARED_DATA / "tinyshakespeare.txt")], out, val_tokens=4096, shard_size=100_000,
+    return prepare([str(corpus("tinyshakespeare.txt"))], out, val_tokens=4096, shard_size=100_000,
                    num_workers=1, progress=False)
 
 
@@ -98,13 +99,13 @@ def test_gradient_accumulation_matches_one_big_micro_batch():
         cfg = small_config(f"micro_batch_size={micro_batch}", "total_batch_size=256", "grad_clip=0")
         trainer = Trainer(cfg, data_dir=None, run_dir=None)
         assert trainer.grad_accum_steps == steps
-        before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+        before = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
         loss = trainer.accumulate_gradients([(x[i:i + micro_batch], y[i:i + micro_batch]) for i in range(0, 8, micro_batch)])
         assert trainer.accelerator.sync_gradients  # the last micro-step syncs, so clipping sees the whole step
-        grads = {n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()}
+        grads = {n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters()}
         trainer.apply_update()
         assert [g["lr"] for g in trainer.optimizer.param_groups] == [get_lr(0, cfg)] * 2
-        results.append((before, loss, grads, {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}))
+        results.append((before, loss, grads, {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}))
     (before_a, loss_a, grads_a, after_a), (before_b, loss_b, grads_b, after_b) = results
     for name in before_a:
         assert torch.equal(before_a[name], before_b[name])  # same initial weights
@@ -132,10 +133,10 @@ def test_block_scope_compiles_one_graph_for_all_layers_with_the_eager_step():
         cfg = small_config("model.n_layer=3", "total_batch_size=128", f"compile={compile}", "compile_scope=block")
         trainer = Trainer(cfg, data_dir=None, run_dir=None)
         loss = trainer.accumulate_gradients(batch)
-        grads = {n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()}
+        grads = {n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters()}
         with torch.no_grad():
-            val = trainer.forward(*batch[0])[1]
-        samples = trainer.sample()  # runs eager: the KV cache's growing lengths would each recompile
+            val = trainer.model(*batch[0])[1]
+        samples = trainer.hooks.sample(trainer.unwrapped)  # runs eager: the KV cache's growing lengths would each recompile
         results[scope] = loss, grads, val, samples, counters["stats"]["unique_graphs"]
     loss, grads, val, samples, graphs = results["block"]
     ref_loss, ref_grads, ref_val, ref_samples, _ = results["eager"]
@@ -145,7 +146,7 @@ def test_block_scope_compiles_one_graph_for_all_layers_with_the_eager_step():
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert samples == ref_samples
-    assert [k for k in trainer.raw_model.state_dict() if "_orig_mod" in k] == []
+    assert [k for k in trainer.unwrapped.state_dict() if "_orig_mod" in k] == []
 
 
 def test_resumed_run_logs_bit_identical_losses(data_dir, tmp_path):
@@ -164,7 +165,7 @@ def test_resumed_run_logs_bit_identical_losses(data_dir, tmp_path):
     assert list(straight) == list(range(6))
     assert resumed == straight  # exact float equality, every step
     assert val_losses(tmp_path / "resumed") == val_losses(tmp_path / "straight")
-    assert list(val_losses(tmp_path / "straight")) == [0, 3, 5]
+    assert list(val_losses(tmp_path / "straight")) == [0, 3, 6]  # 6: after the last update
 
 
 @pytest.mark.parametrize("compile", ["false", "true"])  # true: DDP around compiled blocks
@@ -179,7 +180,7 @@ def test_two_cpu_processes_log_the_same_losses_as_one(data_dir, tmp_path, compil
         assert state["world_size"] == world_size and len(state["rng"]) == world_size  # one RNG state per rank
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert_same_losses(one, two, [0, 1, 2, 3])
-    assert list(val_losses(tmp_path / "one")) == list(val_losses(tmp_path / "two")) == [0, 2, 3]  # 3: the last step
+    assert list(val_losses(tmp_path / "one")) == list(val_losses(tmp_path / "two")) == [0, 2, 4]  # 4: after the last update
     for step, loss in val_losses(tmp_path / "one").items():
         assert abs(loss - val_losses(tmp_path / "two")[step]) / loss < 1e-4
     assert len(step_lines(single.stdout)) == len(step_lines(double.stdout)) == 4  # rank 0 alone prints
@@ -191,7 +192,11 @@ def test_a_checkpoint_written_by_two_processes_resumes_in_one_with_the_same_loss
     settings = ["--preset", "tiny", "--data", str(data_dir), "--set", *SMALL, "max_steps=4", "val_every=0",
                 "sample_every=0", "checkpoint_every=0"]
     launcher = cpu_2proc_launcher(29519)
-    run_cli("train", "--out", str(tmp_path / "moved"), *settings, "stop_after_steps=2", launcher=launcher)
+    stopped = run_cli("train", "--out", str(tmp_path / "moved"), *settings, "stop_after_steps=2", launcher=launcher,
+                      check=False)
+    # each process exits with EXIT_STOPPED_EARLY; the launcher reports any non-zero exit of its processes as 1
+    assert stopped.returncode == 1 and f"exitcode  : {EXIT_STOPPED_EARLY}" in stopped.stderr, stopped.stderr[-3000:]
+    assert "stopped after step 2" in stopped.stdout
     state = json.loads((tmp_path / "moved" / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
     resumed = run_cli("train", "--out", str(tmp_path / "moved"), *settings)
@@ -262,7 +267,7 @@ def test_tensorboard_tracker_receives_the_logged_losses(data_dir, tmp_path):
 
     run = tmp_path / "run"
     train(small_config("max_steps=3", "log_with=tensorboard", "val_every=2", "sample_every=0"), data_dir, run)
-    accumulator = EventAccumulator(str(run / run.name))  # Accelerate's tracker writes to RUN/<run name>
+    accumulator = EventAccumulator(str(run / "tensorboard"))
     accumulator.Reload()
     logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     for key in ("train_loss", "val_loss"):
@@ -271,7 +276,7 @@ def test_tensorboard_tracker_receives_the_logged_losses(data_dir, tmp_path):
 
 
 def test_a_tracker_that_is_not_installed_is_refused_in_one_line(monkeypatch):
-    from gpt2repro import train as train_module
+    from gpt2repro.train import launch as train_module
 
     monkeypatch.setitem(train_module.TRACKERS, "wandb", lambda: False)
     with pytest.raises(UserError, match="^log_with=wandb needs the wandb package: pip install wandb$"):
@@ -300,19 +305,21 @@ def test_checkpoint_holds_no_pickle_and_bad_checkpoints_fail_in_one_line(data_di
 
     cfg = small_config()
     model = GPT(cfg.model)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr)
+    optimizer = optimizer_for(model, cfg.weight_decay, cfg.max_lr)
     with pytest.MonkeyPatch.context() as patch:
         for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
             patch.setattr(module, name, refuse)
         assert latest_checkpoint(run / "checkpoints") == path
-        load_checkpoint(path, model, optimizer)
+        state = load_checkpoint(path, model.config)
+        model.load_weights(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     with safe_open(path / "model.safetensors", "pt") as f:
         assert torch.equal(model.transformer.wte.weight, f.get_tensor("transformer.wte.weight"))
     assert len(optimizer.state) == len(list(model.parameters()))  # AdamW moments restored for every tensor
 
     other = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=3, n_head=2, n_embd=32))
     with pytest.raises(UserError, match="was written for") as err:
-        load_checkpoint(path, other)
+        load_checkpoint(path, other.config)
     assert "\n" not in str(err.value)
     # resuming the run with another shape: one line from the command, the checkpoint untouched
     capsys.readouterr()
@@ -335,35 +342,37 @@ def test_checkpoint_holds_no_pickle_and_bad_checkpoints_fail_in_one_line(data_di
 
 def test_only_the_newest_checkpoints_and_pinned_ones_are_kept(tmp_path):
     model = GPT(small_config().model)
-    optimizer = model.configure_optimizers(0.1, 1e-3)
+    optimizer = optimizer_for(model)
     root = tmp_path / "checkpoints"
     for step in range(1, 7):
-        save_checkpoint(root, step, model, optimizer, {"step": step}, keep=2, pinned=(1, 3))
+        write_checkpoint(root, step, model, optimizer, {"step": step}, keep=2, pinned=(1, 3))
     assert sorted(p.name for p in root.iterdir()) == [f"step_{s:06d}" for s in (1, 3, 5, 6)]
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch):
     cfg = small_config()
     model = GPT(cfg.model)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.max_lr)
+    optimizer = optimizer_for(model, cfg.weight_decay, cfg.max_lr)
     root = tmp_path / "checkpoints"
-    first = save_checkpoint(root, 1, model, optimizer, {"step": 1})
+    first = write_checkpoint(root, 1, model, optimizer, {"step": 1})
     files = {p.name: p.read_bytes() for p in first.iterdir()}
-    original = checkpoint._write_json
+    original = checkpoint.io.write_json
 
     def crash_on_trainer_state(path, obj):
         if path.name == "trainer_state.json":
-            raise KeyboardInterrupt  # as if the job were killed between two files
+            raise KeyboardInterrupt  # as if the job were stopped between two files
         original(path, obj)
 
-    monkeypatch.setattr(checkpoint, "_write_json", crash_on_trainer_state)
+    monkeypatch.setattr(checkpoint.io, "write_json", crash_on_trainer_state)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(root, 2, model, optimizer, {"step": 2}, keep=1)
+        write_checkpoint(root, 2, model, optimizer, {"step": 2}, keep=1)
     monkeypatch.undo()
-    assert sorted(p.name for p in root.iterdir()) == ["step_000001", "step_000002.tmp"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_000001"]  # the partial write is cleaned up
     assert {p.name: p.read_bytes() for p in first.iterdir()} == files
     assert latest_checkpoint(root) == first
-    save_checkpoint(root, 2, model, optimizer, {"step": 2}, keep=1)  # the next save replaces the leftovers
+    (root / "step_000002.tmp").mkdir()  # what a kill -9 mid-write leaves: never listed, replaced by the next save
+    assert latest_checkpoint(root) == first
+    write_checkpoint(root, 2, model, optimizer, {"step": 2}, keep=1)
     assert sorted(p.name for p in root.iterdir()) == ["step_000002"]
 
 
@@ -391,7 +400,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tm
     def poisoned(self):
         if self.step == 3:  # weights turn non-finite during the fourth step
             with torch.no_grad():
-                self.raw_model.transformer.wte.weight[0, 0] = float("nan")
+                self.unwrapped.transformer.wte.weight[0, 0] = float("nan")
         return original(self)
 
     monkeypatch.setattr(Trainer, "train_step", poisoned)
@@ -399,9 +408,8 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(data_dir, tm
         train(cfg, data_dir, run)
     assert "step_000002" in str(err.value)
     assert sorted(list_checkpoints(run / "checkpoints")) == [2]
-    good = GPT(cfg.model)
-    load_checkpoint(run / "checkpoints" / "step_000002", good)
-    assert all(torch.isfinite(p).all() for p in good.parameters())
+    good = load_checkpoint(run / "checkpoints" / "step_000002", cfg.model)["model"]
+    assert all(torch.isfinite(p).all() for p in good.values())
 
 
 def test_skip_mode_skips_non_finite_steps_and_counts_them(data_dir, tmp_path, monkeypatch):
@@ -412,11 +420,11 @@ def test_skip_mode_skips_non_finite_steps_and_counts_them(data_dir, tmp_path, mo
 
     def poisoned(self):
         if self.step == 2:
-            weights_before_skip.update({k: v.clone() for k, v in self.raw_model.state_dict().items()})
-            self.raw_model.lm_head.weight.grad[0, 0] = float("inf")
+            weights_before_skip.update({k: v.clone() for k, v in self.unwrapped.state_dict().items()})
+            self.unwrapped.lm_head.weight.grad[0, 0] = float("inf")
         result = original(self)
         if self.step == 2:
-            for k, v in self.raw_model.state_dict().items():
+            for k, v in self.unwrapped.state_dict().items():
                 assert torch.equal(v, weights_before_skip[k]), f"{k} changed in a skipped step"
         return result
 
@@ -444,7 +452,7 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(data_dir, tmp_path):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output
+    assert process.returncode == EXIT_STOPPED_EARLY, output
     assert "stopped after step" in output and "SIGTERM" in output
     (step, path), = list_checkpoints(run / "checkpoints").items()
     assert max(losses(run)) == step - 1

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import codecs
-import contextlib
 import sys
 
 import torch
 
-from .config import EOT_TOKEN
-from .errors import UserError
-from .model import GPT
-from .tokenizer import get_encoding
+from ..errors import UserError
+from ..model import GPT
+from ..tokenizer import encode_prompt, get_encoding
+from .device import autocast
 
 
 class TokenTextStream:
@@ -56,10 +55,8 @@ def stream_samples(
     if num < 1 or max_new_tokens < 1:
         raise UserError(f"need at least one sample of at least one token, got num {num}, max_new_tokens {max_new_tokens}")
     device = torch.device(device)
-    prompt_tokens = get_encoding().encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
-    idx = torch.tensor([prompt_tokens], dtype=torch.long, device=device)
+    idx = torch.tensor([encode_prompt(prompt)], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     samples = []
     for i in range(num):
         stream = TokenTextStream()
@@ -72,7 +69,7 @@ def stream_samples(
                 pieces.append(text)
                 write(text)
 
-        with autocast:
+        with autocast(device, autocast_dtype):
             model.generate(idx, max_new_tokens, top_k=top_k, generator=generator, on_token=on_token)
         pieces.append(stream.finish())
         write(pieces[-1] + "\n")

@@ -3,11 +3,16 @@
 Module names are exactly Hugging Face's (`transformer.h.0.attn.c_attn`, `transformer.ln_f`,
 `lm_head`), so converting to and from `GPT2LMHeadModel` is a list of transposes (hf.py).
 Shapes in comments: B batch, T time, C n_embd, nh heads, hs head size, V vocabulary.
+
+The constructor's keyword arguments choose how the same function is computed (speed and memory
+levers), never what it computes: `attention` ("auto": cuDNN + FlashAttention-4 where they apply,
+else PyTorch's SDPA; "sdpa": always SDPA), `loss_chunk_rows` (rows of logits alive at once in the
+training loss; 0 computes the full logits), `recompute_gelu` (each MLP recomputes its GELU in
+backward) and `activation_checkpointing` (each Block recomputes its whole forward in backward).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -15,12 +20,12 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..config import GPT2_VOCAB_SIZE, GPTConfig
+from ..errors import UserError
 from .attention import causal_attention, split_heads
-from .config import GPT2_VOCAB_SIZE, GPTConfig
-from .errors import UserError
-from .loss import linear_cross_entropy
+from .loss import CHUNK_ROWS, linear_cross_entropy
 
-logger = logging.getLogger(__name__)
+ATTENTION_KINDS = ("auto", "sdpa")
 
 
 class KVCache:
@@ -41,10 +46,11 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int):
+    def __init__(self, config: GPTConfig, layer: int, fused: bool = True):
         super().__init__()
         self.n_head = config.n_head
         self.layer = layer
+        self.fused = fused  # allow the cuDNN + FlashAttention-4 kernels where they apply
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True
@@ -52,7 +58,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         qkv = self.c_attn(x)  # (B, T, 3C)
         if kv_cache is None:
-            return self.c_proj(causal_attention(qkv, self.n_head))
+            return self.c_proj(causal_attention(qkv, self.n_head, fused=self.fused))
         B, T, C = x.size()
         q, k, v = (t.transpose(1, 2) for t in split_heads(qkv, self.n_head))  # (B, nh, T, hs)
         if kv_cache.length == 0:
@@ -69,8 +75,9 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, recompute_gelu: bool = True):
         super().__init__()
+        self.recompute_gelu = recompute_gelu
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.act = nn.GELU(approximate="tanh")  # GPT-2's gelu_new
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
@@ -78,7 +85,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
-        if torch.is_grad_enabled() and h.requires_grad:
+        if self.recompute_gelu and torch.is_grad_enabled() and h.requires_grad:
             # backward recomputes the GELU from h instead of keeping its output: 2 bytes x 4C per token
             # and layer less memory (4.5 GiB at the 124M model's B=64, T=1024) for ~1% more GPU time
             return self.c_proj(checkpoint(self.act, h, use_reentrant=False))
@@ -88,12 +95,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: GPTConfig, layer: int):
+    def __init__(self, config: GPTConfig, layer: int, fused_attention: bool = True, recompute_gelu: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
-        self.attn = CausalSelfAttention(config, layer)
+        self.attn = CausalSelfAttention(config, layer, fused_attention)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, recompute_gelu)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache)
@@ -102,14 +109,20 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, *, attention: str = "auto", loss_chunk_rows: int = CHUNK_ROWS,
+                 recompute_gelu: bool = True, activation_checkpointing: bool = False):
         super().__init__()
+        if attention not in ATTENTION_KINDS:
+            raise UserError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
         self.config = config
+        self.loss_chunk_rows = loss_chunk_rows
+        self.activation_checkpointing = activation_checkpointing
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
-                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, i, attention == "auto", recompute_gelu and not activation_checkpointing)
+                                  for i in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=1e-5),
             )
         )
@@ -152,14 +165,17 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            # checkpointing keeps only each Block's input; backward runs the Block's forward again
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x, kv_cache)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
-        if targets is not None and not return_logits:
+        if targets is not None and not return_logits and self.loss_chunk_rows:
             # chunk by chunk, never holding the (B*T, V) logits or their gradient (loss.py)
-            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), ignore_index=-1)
+            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                              ignore_index=-1, chunk_rows=self.loss_chunk_rows)
         logits = self.lm_head(x)  # (B, T, V) in the autocast dtype
         if targets is None:
             return logits, None
@@ -189,36 +205,6 @@ class GPT(nn.Module):
         with torch.no_grad():
             for name, tensor in self.state_dict().items():
                 tensor.copy_(given[name])
-
-    def decay_groups(self) -> tuple[list[str], list[str]]:
-        """Names of the parameters that get weight decay (2-D: matmul weights, embeddings) and that don't."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():  # the tied lm_head.weight appears once, as transformer.wte.weight
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(name)
-        return decay, no_decay
-
-    def configure_optimizers(
-        self,
-        weight_decay: float,
-        learning_rate: float,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-    ) -> torch.optim.AdamW:
-        """AdamW with decay only on 2-D tensors; the fused CUDA kernel when the model is on a GPU."""
-        params = dict(self.named_parameters())
-        decay, no_decay = self.decay_groups()
-        groups = [
-            {"params": [params[n] for n in decay], "weight_decay": weight_decay},
-            {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
-        ]
-        logger.info(
-            "optimizer: %d decayed tensors (%s parameters), %d non-decayed tensors (%s parameters)",
-            len(decay), f"{sum(params[n].numel() for n in decay):,}",
-            len(no_decay), f"{sum(params[n].numel() for n in no_decay):,}",
-        )
-        fused = all(p.is_cuda for p in params.values())
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     @torch.no_grad()
     def generate(
@@ -262,16 +248,3 @@ class GPT(nn.Module):
                 on_token(next_ids[:, 0])
         self.train(was_training)
         return out
-
-    @classmethod
-    def from_hf(cls, source) -> "GPT":
-        """From a `GPT2LMHeadModel`, a local Hugging Face directory, or a Hub id such as "gpt2"."""
-        from .hf import gpt_from_hf  # transformers is imported only where it is needed
-
-        return gpt_from_hf(source)
-
-    def to_hf(self):
-        """The equivalent `transformers.GPT2LMHeadModel` (vocabulary cropped to 50,257)."""
-        from .hf import gpt_to_hf
-
-        return gpt_to_hf(self)

@@ -23,7 +23,7 @@ try:
 except ImportError:  # CPU-only installs: the PyTorch path below is used
     triton = None
 
-CHUNK_ROWS = 8192  # rows of logits alive at once: 8192 x 50,304 bf16 is 0.8 GB
+CHUNK_ROWS = 8192  # default rows of logits alive at once: 8192 x 50,304 bf16 is 0.8 GB
 XENT_BLOCK, XENT_WARPS = 8192, 16  # the softmax kernel's columns per iteration and warps per row (BENCHMARKS.md)
 
 
@@ -64,17 +64,18 @@ if triton is not None:
                 tl.store(ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
-def _softmax_xent_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                   grad_scale: torch.Tensor | None) -> torch.Tensor:
+def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad_scale: torch.Tensor | None,
+                  block: int = XENT_BLOCK, warps: int = XENT_WARPS) -> torch.Tensor:
     """The summed loss of these rows of logits; given `grad_scale` (1 / counted rows, a 0-d tensor),
-    the logits are overwritten by d(mean loss)/d(logits)."""
+    the logits are overwritten by d(mean loss)/d(logits). On CUDA one Triton kernel does it, `block`
+    columns per iteration with `warps` warps per row."""
     accumulate = torch.promote_types(logits.dtype, torch.float32)
     if triton is not None and logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float16, torch.float32):
         losses = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
         scale = grad_scale if grad_scale is not None else losses  # unread without WRITE_GRAD
         _softmax_xent_kernel[(logits.size(0),)](
             logits, targets, losses, scale, logits.stride(0), logits.size(1), ignore_index,
-            WRITE_GRAD=grad_scale is not None, BLOCK=XENT_BLOCK, num_warps=XENT_WARPS,
+            WRITE_GRAD=grad_scale is not None, BLOCK=block, num_warps=warps,
         )
         return losses.sum(dtype=accumulate)
     full = logits.to(accumulate)
@@ -113,7 +114,7 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
     for start in range(0, x.size(0), chunk_rows):
         xc = x[start : start + chunk_rows]
         logits = xc @ weight.t()
-        loss_sum += _softmax_xent_(logits, targets[start : start + chunk_rows], ignore_index, grad_scale)
+        loss_sum += softmax_xent_(logits, targets[start : start + chunk_rows], ignore_index, grad_scale)
         if with_grads:  # logits now hold their gradient
             torch.mm(logits, weight, out=grad_x[start : start + chunk_rows])
             _add_matmul_(grad_w, logits.t(), xc)

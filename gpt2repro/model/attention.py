@@ -21,7 +21,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch.nn import functional as F
 
-ENABLED = True  # set False to force scaled_dot_product_attention
 _compiling: Future | None = None  # the background compilation of the backward kernel (`precompile`)
 
 
@@ -100,7 +99,7 @@ def _fused_available(device_index: int) -> bool:
 
 
 def _fused_on(device: torch.device) -> bool:
-    return ENABLED and device.type == "cuda" and _fused_available(device.index)
+    return device.type == "cuda" and _fused_available(device.index)
 
 
 def fused_supported(qkv: torch.Tensor, n_head: int) -> bool:
@@ -125,7 +124,7 @@ def precompile(device: torch.device, n_head: int, n_embd: int, seq_len: int) -> 
     not on the batch size: one sequence with the training shapes compiles the kernel the step runs.
     """
     global _compiling
-    if not (ENABLED and device.type == "cuda"):
+    if device.type != "cuda":
         return None
 
     def run():
@@ -143,17 +142,18 @@ def precompile(device: torch.device, n_head: int, n_embd: int, seq_len: int) -> 
     return _compiling
 
 
-def backend(device: torch.device, mixed_precision: str) -> str:
-    """The attention kernels that training under `mixed_precision` ("bf16", "fp16" or "no") uses on
-    this device, for logs and benchmark reports."""
-    fused = mixed_precision == "bf16" and _fused_on(device)
+def backend(device: torch.device, mixed_precision: str, attention: str = "auto") -> str:
+    """The attention kernels that training under `mixed_precision` ("bf16", "fp16" or "no") with the
+    model's `attention` setting uses on this device, for logs and benchmark reports."""
+    fused = attention == "auto" and mixed_precision == "bf16" and _fused_on(device)
     return "cuDNN forward + flash-attn-4 backward" if fused else "scaled_dot_product_attention"
 
 
-def causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
-    """(B, T, 3C) packed q, k, v -> (B, T, C): every position attends to itself and the ones before."""
+def causal_attention(qkv: torch.Tensor, n_head: int, fused: bool = True) -> torch.Tensor:
+    """(B, T, 3C) packed q, k, v -> (B, T, C): every position attends to itself and the ones before.
+    `fused=False` always takes scaled_dot_product_attention."""
     B, T, C3 = qkv.shape
-    if fused_supported(qkv, n_head):
+    if fused and fused_supported(qkv, n_head):
         return _attention(qkv, n_head)[0].view(B, T, C3 // 3)
     q, k, v = (t.transpose(1, 2) for t in split_heads(qkv, n_head))  # (B, nh, T, hs)
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -1,14 +1,14 @@
-"""Model-agnostic evaluation: HellaSwag (completion style), validation loss and perplexity.
+"""HellaSwag, completion style: the official jsonl downloaded once and cached, parsed, and scored.
 
-Everything here takes a function from token ids to logits (or to a loss), so the same code scores
-our GPT, a compiled or wrapped one, and any Hugging Face causal LM. Several processes pass their
-rank, world size and an all-reduce; nothing here knows about Accelerate.
+Everything here takes a function from token ids to logits, so the same code scores our GPT, a
+compiled or wrapped one, and any Hugging Face causal LM. Several processes pass their rank, world
+size and an all-reduce; nothing here knows about Accelerate.
 
-HellaSwag, completion style: each of an example's 4 endings is appended to its context (the
-context's tokens, then the tokens of " " + ending) and scored by the model's cross-entropy on the
-ending's tokens alone. `acc` picks the ending with the smallest summed loss (the most probable
-continuation); `acc_norm` the smallest mean loss per token, which does not favour short endings.
-OpenAI's GPT-2 124M scores acc 0.2859, acc_norm 0.2955 this way on the 10,042 validation examples.
+Each of an example's 4 endings is appended to its context (the context's tokens, then the tokens
+of " " + ending) and scored by the model's cross-entropy on the ending's tokens alone. `acc` picks
+the ending with the smallest summed loss (the most probable continuation); `acc_norm` the smallest
+mean loss per token, which does not favour short endings. OpenAI's GPT-2 124M scores acc 0.2859,
+acc_norm 0.2955 this way on the 10,042 validation examples.
 
 `load_hellaswag("auto")` downloads the official jsonl files once into the cache directory
 `$GPT2REPRO_CACHE/hellaswag` (default `$XDG_CACHE_HOME/gpt2repro/hellaswag`, i.e.
@@ -18,7 +18,6 @@ HF_DATASETS_OFFLINE set, nothing is downloaded.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -33,10 +32,11 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .config import EOT_TOKEN, GPT2_VOCAB_SIZE
-from .errors import UserError
-from .files import file_sha256
-from .tokenizer import get_encoding
+from .. import io
+from ..config import EOT_TOKEN, GPT2_VOCAB_SIZE
+from ..errors import UserError
+from ..tokenizer import get_encoding
+from .device import autocast, reduce_sum
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{name}.jsonl"
 HELLASWAG_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}  # split -> file name part
@@ -69,17 +69,10 @@ def hellaswag_cache_dir(cache_dir=None) -> Path:
     return Path(root).expanduser() / "hellaswag"
 
 
-def _offline_variable() -> str | None:
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
-            return name
-    return None
-
-
 def _fetch(url: str, dest: Path, label: str) -> str:
-    """Stream url into dest with a progress bar; return the sha256 of what was written."""
+    """Stream url into dest (atomically) with a progress bar; return the sha256 of what was written."""
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=30) as response, open(dest, "wb") as out:
+    with urllib.request.urlopen(url, timeout=30) as response, io.atomic_file(dest, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {label}") as bar:
             for chunk in iter(lambda: response.read(1 << 20), b""):
@@ -102,27 +95,24 @@ def download_hellaswag(split: str = "validation", cache_dir=None) -> Path:
     sidecar = path.with_name(name + ".sha256")
     url = HELLASWAG_URL.format(name=HELLASWAG_SPLITS[split])
     if path.is_file():
-        digest = file_sha256(path)
+        digest = io.file_sha256(path)
         if sidecar.is_file():
             recorded = (sidecar.read_text().split() or [""])[0]
             if recorded != digest:
                 raise UserError(f"cached {path} does not match its recorded sha256; delete it to download it again")
         else:
-            sidecar.write_text(f"{digest}  {name}\n")
+            io.write_text(sidecar, f"{digest}  {name}\n")
         return path
-    offline = _offline_variable()
+    offline = io.offline()
     if offline:
         raise UserError(f"HellaSwag {split} is not cached and {offline} is set: put {url} at {path}, or pass a local jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{name}.{os.getpid()}.part")  # per process: ranks may download at once
     try:
-        digest = _fetch(url, partial, name)
+        digest = _fetch(url, path, name)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        partial.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
         raise UserError(f"cannot download HellaSwag {split} from {url} ({reason}): put the file at {path}, or pass a local jsonl") from None
-    sidecar.write_text(f"{digest}  {name}\n")
-    os.replace(partial, path)
+    io.write_text(sidecar, f"{digest}  {name}\n")
     return path
 
 
@@ -213,10 +203,7 @@ def _batch_tensors(encoded, labels, rows_per_batch: int, width: int):
 
 def _ending_losses(logits_fn, tokens, mask, autocast_dtype):
     """Summed cross-entropy over each row's ending tokens and their count, both (R,)."""
-    autocast = (
-        torch.autocast(tokens.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    )
-    with autocast:
+    with autocast(tokens.device, autocast_dtype):
         logits = logits_fn(tokens)  # (R, T, V)
     predicts_ending = mask[:, 1:]  # logits at position t predict token t + 1
     # only GPT-2's real tokens: a vocabulary padded for speed must not change the softmax
@@ -224,13 +211,6 @@ def _ending_losses(logits_fn, tokens, mask, autocast_dtype):
     losses = torch.zeros(predicts_ending.shape, dtype=torch.float32, device=tokens.device)
     losses[predicts_ending] = F.cross_entropy(selected, tokens[:, 1:][predicts_ending], reduction="none")
     return losses.sum(1), predicts_ending.sum(1)
-
-
-def _reduce(tensor: torch.Tensor, all_reduce) -> torch.Tensor:
-    if all_reduce is None:
-        return tensor
-    result = all_reduce(tensor)
-    return result if isinstance(result, torch.Tensor) else tensor  # in-place reducers return None or a handle
 
 
 @torch.no_grad()
@@ -287,7 +267,7 @@ def evaluate_hellaswag(
     pred_norm = (sum_losses / num_tokens.clamp(min=1)).argmin(1)
     labelled = label >= 0
     totals = torch.stack([labelled.sum(), (labelled & (pred == label)).sum(), (labelled & (pred_norm == label)).sum()])
-    n, correct, correct_norm = _reduce(totals, all_reduce).tolist()
+    n, correct, correct_norm = reduce_sum(totals, all_reduce).tolist()
     result = {
         "hellaswag_acc": correct / n if n else None,
         "hellaswag_acc_norm": correct_norm / n if n else None,
@@ -299,101 +279,3 @@ def evaluate_hellaswag(
             for ex, p, pn, s, c in zip(mine, pred.tolist(), pred_norm.tolist(), sum_losses.tolist(), num_tokens.tolist())
         ]
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# validation loss
-
-
-@torch.no_grad()
-def validation_loss(loss_fn, batches, all_reduce=None, device=None) -> float:
-    """Mean cross-entropy over all validation windows of all ranks.
-
-    `loss_fn(x, y)` returns the mean loss of one (B, T) batch; `batches` is this rank's share of the
-    windows. Each batch counts with its B windows, so unequal shares across ranks weigh correctly.
-    `device` holds the totals of a rank that has no batches (all ranks must join the reduction).
-    """
-    total, windows = None, 0
-    for x, y in batches:
-        loss = loss_fn(x, y).detach().double() * x.size(0)
-        total = loss if total is None else total + loss
-        windows += x.size(0)
-    if total is None:
-        total = torch.zeros((), dtype=torch.float64, device=device)
-    totals = _reduce(torch.stack([total, torch.tensor(float(windows), dtype=torch.float64, device=total.device)]), all_reduce)
-    loss_sum, count = totals.tolist()
-    if not count:
-        raise UserError("no validation windows to evaluate")
-    return loss_sum / count
-
-
-def perplexity(loss: float) -> float:
-    """exp(mean cross-entropy in nats); inf where exp overflows."""
-    return math.exp(loss) if loss < 700 else math.inf
-
-
-# ---------------------------------------------------------------------------------------------
-# the `eval` command
-
-
-def inference_device(device: str | None = None) -> tuple[torch.device, torch.dtype | None]:
-    """The device to run on (CUDA when there is one) and its autocast dtype (bf16 where supported)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return device, torch.bfloat16
-    return device, None
-
-
-def evaluate_model(
-    source: str,
-    hellaswag: str | None = None,
-    split: str = "validation",
-    data_dir: str | None = None,
-    val_batches: int = 20,
-    val_batch_size: int = 8,
-    batch_size: int = 16,
-    device: str | None = None,
-    progress: bool = False,
-) -> dict:
-    """HellaSwag and/or validation loss of a checkpoint, a run, an exported dir or a Hub id (one process)."""
-    if hellaswag is None and data_dir is None:
-        raise UserError("nothing to evaluate: pass --hellaswag auto|PATH and/or --data DIR")
-    if min(val_batches, val_batch_size, batch_size) < 1:
-        raise UserError("batch sizes and the number of validation batches must be at least 1")
-    examples = load_hellaswag(hellaswag, split) if hellaswag is not None else None  # bad input fails before loading a model
-    from .hf import load_model
-
-    model = load_model(source)
-    device, autocast_dtype = inference_device(device)
-    model.to(device).eval()
-    results = {}
-    if examples is not None:
-        results.update(evaluate_hellaswag(
-            lambda idx: model(idx)[0], examples, device, batch_size=batch_size,
-            autocast_dtype=autocast_dtype, pad_to=model.config.block_size, progress=progress,
-        ))
-    if data_dir is not None:
-        from .data import validation_batches
-
-        batches = validation_batches(
-            data_dir, val_batch_size, model.config.block_size, val_batches, vocab_size=model.config.vocab_size
-        )
-        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-
-        def loss_fn(x, y):
-            with autocast:
-                return model(x.to(device), y.to(device))[1]
-
-        results["val_loss"] = validation_loss(loss_fn, batches)
-        results["val_perplexity"] = perplexity(results["val_loss"])
-    return results
-
-
-def format_results(results: dict) -> str:
-    """A readable table of eval results, with the reference models' HellaSwag scores beside ours."""
-    lines = [f"{'metric':<20} {'value':>10}  reference"]
-    for key, value in results.items():
-        references = ", ".join(f"{name} {scores[key]:.4f}" for name, scores in REFERENCE_SCORES.items() if key in scores)
-        shown = "-" if value is None else f"{value:>10,}" if isinstance(value, int) else f"{value:>10.4f}"
-        lines.append(f"{key:<20} {shown:>10}  {references}".rstrip())
-    return "\n".join(lines)

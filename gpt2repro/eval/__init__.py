@@ -1,0 +1,2 @@
+"""Evaluation: validation loss, HellaSwag, the `eval` and `sample` commands. Model-agnostic: each
+function takes a function from tokens to logits or loss, or a GPT, never a Trainer."""
