@@ -208,9 +208,25 @@ def _tiny() -> TrainConfig:
     )
 
 
+def _gpt3_recipe(model: str, max_lr: float, total_batch_size: int, micro_batch_size: int) -> TrainConfig:
+    """A GPT-2 shape trained with the GPT-3 paper's settings for the nearest size (its Table 2.1: peak
+    learning rate and tokens per step), 375M tokens of linear warmup and a cosine to 10% of the peak
+    over 10B tokens, like gpt2-124M. The micro batch fits an 80 GB GPU without activation checkpointing."""
+    return TrainConfig(
+        model=dataclasses.replace(MODEL_PRESETS[model]), total_batch_size=total_batch_size,
+        micro_batch_size=micro_batch_size, max_lr=max_lr, min_lr=round(max_lr / 10, 12),
+        warmup_steps=int(375e6 / total_batch_size), max_steps=int(10e9 / total_batch_size),
+        mixed_precision="bf16", hellaswag="auto",
+    )
+
+
 TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     # Karpathy's GPT-2 (124M) reproduction: GPT-3 Small's optimisation on GPT-2's model, 10B tokens.
     "gpt2-124M": lambda: TrainConfig(mixed_precision="bf16", hellaswag="auto"),
+    # Larger GPT-2 shapes on the same 10B tokens: GPT-3 Medium's, Large's and XL's settings
+    "gpt2-350M": lambda: _gpt3_recipe("gpt2-medium", 3e-4, 2**19, 32),
+    "gpt2-774M": lambda: _gpt3_recipe("gpt2-large", 2.5e-4, 2**19, 16),
+    "gpt2-1558M": lambda: _gpt3_recipe("gpt2-xl", 2e-4, 2**20, 16),
     # The same with GPT-3's 2048-token context (same tokens per step).
     "gpt3-124M": lambda: TrainConfig(
         model=GPTConfig(block_size=2048), seq_len=2048, micro_batch_size=32, mixed_precision="bf16", hellaswag="auto"

@@ -4,7 +4,7 @@ import types
 import pytest
 
 from gpt2repro.__main__ import main
-from gpt2repro.config import TRAIN_PRESETS, GPTConfig, TrainConfig, load_train_config
+from gpt2repro.config import MODEL_PRESETS, TRAIN_PRESETS, GPTConfig, TrainConfig, load_train_config
 from gpt2repro.errors import UserError
 from gpt2repro.train import get_lr
 
@@ -111,3 +111,17 @@ def test_unknown_preset_names_the_known_ones():
 def test_config_survives_a_dict_round_trip():
     cfg = load_train_config("gpt3-124M", None, ["pin_checkpoints=[5, 10]"])
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("preset, shape, max_lr, tokens_per_step", [
+    ("gpt2-350M", "gpt2-medium", 3e-4, 2**19), ("gpt2-774M", "gpt2-large", 2.5e-4, 2**19),
+    ("gpt2-1558M", "gpt2-xl", 2e-4, 2**20),
+])
+def test_larger_recipes_take_the_gpt3_settings_of_the_nearest_size(preset, shape, max_lr, tokens_per_step):
+    cfg = TRAIN_PRESETS[preset]().validate()
+    assert cfg.model == MODEL_PRESETS[shape]
+    assert (cfg.max_lr, cfg.total_batch_size) == (max_lr, tokens_per_step)
+    assert cfg.min_lr == pytest.approx(max_lr / 10, rel=1e-12)  # cosine to 10%
+    assert cfg.warmup_steps * tokens_per_step == pytest.approx(375e6, rel=2e-3)  # 375M warmup tokens
+    assert cfg.max_steps * tokens_per_step == pytest.approx(10e9, rel=2e-4)  # 10B tokens, one epoch
+    assert cfg.grad_accum_steps(8) >= 1 and cfg.mixed_precision == "bf16" and cfg.hellaswag == "auto"

@@ -14,7 +14,7 @@ from ..eval.hellaswag import evaluate_hellaswag, load_hellaswag
 from ..eval.validation import validation_loss
 from ..tokenizer import encode_prompt, get_encoding
 
-HELLASWAG_KEYS = ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n")
+HELLASWAG_KEYS = ("hellaswag_acc", "hellaswag_acc_norm_tokens", "hellaswag_acc_norm", "hellaswag_n")
 
 
 class EvalHooks:

@@ -368,6 +368,8 @@ class Trainer:
             "ms": step_ms, "tokens_per_sec": tokens_per_sec, "mfu": utilisation, "tokens": self.tokens_seen,
             "elapsed_s": progress.elapsed(),  # wall time of this invocation so far, compilation and evaluation included
         }
+        if self.device.type == "cuda":
+            record["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30  # this process, since start
         if skipped:
             record["skipped"] = True
             record["skipped_steps"] = self.skipped_steps
