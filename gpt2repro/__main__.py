@@ -79,7 +79,7 @@ def _cmd_sample(args) -> None:
 def _cmd_plot(args) -> None:
     from .plot import plot_run
 
-    print(f"wrote {plot_run(args.run, args.out, log_steps=args.log_steps, compare=args.compare)}")
+    print(f"wrote {plot_run(args.run, args.out, log_steps=args.log_steps, compare=args.compare, baselines=args.baseline)}")
 
 
 def _cmd_push(args) -> None:
@@ -165,11 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("plot", help="plot a run's loss and HellaSwag curves (or several runs') into a PNG")
+    p = sub.add_parser("plot", help="plot a run's loss, HellaSwag, learning rate and throughput (or several runs') into a PNG")
     p.add_argument("run", help="run directory (reads RUN/log.jsonl)")
     p.add_argument("--out", help="PNG to write (default RUN/curves.png)")
     p.add_argument("--log-steps", action="store_true", help="logarithmic step axis")
     p.add_argument("--compare", nargs="+", default=[], metavar="RUN", help="more runs to draw on the same axes")
+    p.add_argument("--baseline", nargs=2, action="append", default=[], metavar=("LOSS", "LABEL"),
+                   help='a horizontal validation-loss line, e.g. --baseline 3.2924 "GPT-2 124M on FineWeb-Edu"; repeatable')
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("push", help="upload an exported model directory to the Hugging Face Hub")

@@ -16,7 +16,9 @@ from gpt2repro import GPT, GPTConfig
 from gpt2repro.eval import hellaswag as evaluation
 from gpt2repro.__main__ import main
 from gpt2repro.errors import UserError
-from gpt2repro.eval.hellaswag import evaluate_hellaswag, hellaswag_metric_path, load_hellaswag, read_hellaswag
+from gpt2repro.eval.hellaswag import (
+    HELLASWAG_KEYS, evaluate_hellaswag, hellaswag_metric_path, load_hellaswag, read_hellaswag,
+)
 from gpt2repro.eval.validation import validation_loss
 from gpt2repro.hf.export import save_hf
 from helpers import write_model_dir
@@ -95,31 +97,36 @@ def unbatched_reference(export_dir, examples):
 def test_hellaswag_equals_an_unbatched_gpt2lmheadmodel_computation_on_the_export(model, export_dir, examples):
     result = evaluate_hellaswag(ours(model), examples, batch_size=4, return_predictions=True)
     sums, counts = unbatched_reference(export_dir, examples)
+    chars = torch.tensor([[len(ending) for ending in ex.endings] for ex in examples])  # no leading space, as lm-eval
     predictions = result["predictions"]
+    assert list(result) == [*HELLASWAG_KEYS, "predictions"]
     assert [p["index"] for p in predictions] == list(range(len(examples)))
     assert [p["num_tokens"] for p in predictions] == counts.tolist()
+    assert [p["num_chars"] for p in predictions] == chars.tolist()
     torch.testing.assert_close(torch.tensor([p["sum_losses"] for p in predictions], dtype=torch.float64), sums, atol=1e-4, rtol=0)
     expected_pred = sums.argmin(1).tolist()
-    expected_pred_norm = (sums / counts).argmin(1).tolist()
+    expected_pred_norm_tokens = (sums / counts).argmin(1).tolist()
+    expected_pred_norm = (sums / chars).argmin(1).tolist()
     assert [p["pred"] for p in predictions] == expected_pred
+    assert [p["pred_norm_tokens"] for p in predictions] == expected_pred_norm_tokens
     assert [p["pred_norm"] for p in predictions] == expected_pred_norm
     labels = [ex.label for ex in examples]
     assert result["hellaswag_n"] == len(examples)
     assert result["hellaswag_acc"] == sum(p == y for p, y in zip(expected_pred, labels)) / len(examples)
+    assert result["hellaswag_acc_norm_tokens"] == sum(p == y for p, y in zip(expected_pred_norm_tokens, labels)) / len(examples)
     assert result["hellaswag_acc_norm"] == sum(p == y for p, y in zip(expected_pred_norm, labels)) / len(examples)
-    # the synthetic set is only a meaningful check if the two rules disagree somewhere
-    assert expected_pred != expected_pred_norm
+    # the synthetic set is only a meaningful check if the rules disagree somewhere
+    assert expected_pred != expected_pred_norm_tokens and expected_pred_norm != expected_pred_norm_tokens
 
 
 def test_batched_and_one_example_per_forward_scoring_agree(model, examples):
     batched = evaluate_hellaswag(ours(model), examples, batch_size=5, return_predictions=True)
     single = evaluate_hellaswag(ours(model), examples, batch_size=1, return_predictions=True)
     for a, b in zip(batched["predictions"], single["predictions"]):
-        assert (a["pred"], a["pred_norm"], a["num_tokens"]) == (b["pred"], b["pred_norm"], b["num_tokens"])
+        keys = ("pred", "pred_norm_tokens", "pred_norm", "num_tokens", "num_chars")
+        assert [a[k] for k in keys] == [b[k] for k in keys]
         torch.testing.assert_close(torch.tensor(a["sum_losses"]), torch.tensor(b["sum_losses"]), atol=1e-4, rtol=0)
-    assert {k: batched[k] for k in ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n")} == {
-        k: single[k] for k in ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n")
-    }
+    assert {k: batched[k] for k in HELLASWAG_KEYS} == {k: single[k] for k in HELLASWAG_KEYS}
 
 
 def test_checkpoint_and_its_hf_export_score_identically_through_any_logits_function(model, export_dir, examples):
@@ -128,8 +135,9 @@ def test_checkpoint_and_its_hf_export_score_identically_through_any_logits_funct
     hf = GPT2LMHeadModel.from_pretrained(export_dir).eval()
     a = evaluate_hellaswag(ours(model), examples, batch_size=4, return_predictions=True)
     b = evaluate_hellaswag(lambda idx: hf(idx).logits, examples, batch_size=4, return_predictions=True)
-    assert [p["pred_norm"] for p in a["predictions"]] == [p["pred_norm"] for p in b["predictions"]]
-    assert a["hellaswag_acc_norm"] == b["hellaswag_acc_norm"] and a["hellaswag_acc"] == b["hellaswag_acc"]
+    for key in ("pred", "pred_norm_tokens", "pred_norm"):
+        assert [p[key] for p in a["predictions"]] == [p[key] for p in b["predictions"]]
+    assert {k: a[k] for k in HELLASWAG_KEYS} == {k: b[k] for k in HELLASWAG_KEYS}
 
 
 def test_every_forward_has_the_same_padded_shape_so_a_compiled_model_compiles_once(model, examples):
@@ -188,11 +196,10 @@ def test_two_ranks_give_the_same_totals_and_predictions_as_one(model, examples):
     one = evaluate_hellaswag(ours(model), examples, batch_size=2, return_predictions=True)
     two = run_ranks_in_threads(2, lambda rank, world, reduce: evaluate_hellaswag(
         ours(model), examples, batch_size=2, rank=rank, world_size=world, all_reduce=reduce, return_predictions=True))
-    keys = ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n")
-    assert all({k: r[k] for k in keys} == {k: one[k] for k in keys} for r in two)
+    assert all({k: r[k] for k in HELLASWAG_KEYS} == {k: one[k] for k in HELLASWAG_KEYS} for r in two)
     merged = sorted((p for r in two for p in r["predictions"]), key=lambda p: p["index"])
-    assert [(p["index"], p["pred"], p["pred_norm"]) for p in merged] == [
-        (p["index"], p["pred"], p["pred_norm"]) for p in one["predictions"]
+    assert [(p["index"], p["pred"], p["pred_norm_tokens"], p["pred_norm"]) for p in merged] == [
+        (p["index"], p["pred"], p["pred_norm_tokens"], p["pred_norm"]) for p in one["predictions"]
     ]
 
 
@@ -230,7 +237,7 @@ def test_unlabelled_test_split_examples_are_scored_but_not_counted(model, tmp_pa
     examples = read_hellaswag(write_hellaswag(tmp_path / "test.jsonl", n=5, labelled=False))
     assert all(ex.label is None for ex in examples)
     result = evaluate_hellaswag(ours(model), examples, batch_size=2, return_predictions=True)
-    assert result["hellaswag_n"] == 0 and result["hellaswag_acc"] is None and result["hellaswag_acc_norm"] is None
+    assert result["hellaswag_n"] == 0 and all(result[k] is None for k in HELLASWAG_KEYS[:3])
     assert len(result["predictions"]) == 5 and all(p["pred"] in range(4) for p in result["predictions"])
 
 
@@ -245,10 +252,73 @@ def test_evaluate_module_loads_offline_and_reports_the_same_accuracies(model, ex
     predictions = result["predictions"]
     scores = metric.compute(
         predictions=[p["sum_losses"] for p in predictions],
-        ending_lengths=[p["num_tokens"] for p in predictions],
+        ending_tokens=[p["num_tokens"] for p in predictions],
+        ending_chars=[p["num_chars"] for p in predictions],
         references=[p["label"] for p in predictions],
     )
-    assert scores == {"acc": result["hellaswag_acc"], "acc_norm": result["hellaswag_acc_norm"], "n": len(examples)}
+    assert scores == {"acc": result["hellaswag_acc"], "acc_norm_tokens": result["hellaswag_acc_norm_tokens"],
+                      "acc_norm": result["hellaswag_acc_norm"], "n": len(examples)}
+    assert scores["acc_norm"] != scores["acc_norm_tokens"]  # the two normalisations tell apart on this set
+
+
+LM_EVAL_TASK = """\
+# HellaSwag as lm-eval's own hellaswag.yaml scores it (multiple_choice: acc, acc_norm), but reading
+# a local jsonl with our fields and without lm-eval's text preprocessing
+task: gpt2repro_hellaswag_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+  cache_dir: {cache}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: ctx
+doc_to_choice: endings
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_acc_norm_equals_lm_evals_simple_evaluate_on_the_same_local_file(model, export_dir, tmp_path, monkeypatch):
+    """lm-eval's acc_norm divides each ending's log-likelihood by its length in characters; ours must
+    give the very same accuracies, example by example, on the export of the same weights (offline:
+    the datasets json builder reads the local file)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = write_hellaswag(tmp_path / "hellaswag_local.jsonl", n=24, seed=7)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "gpt2repro_hellaswag_local.yaml").write_text(
+        LM_EVAL_TASK.format(data=json.dumps(str(data)), cache=json.dumps(str(tmp_path / "datasets_cache"))))
+    lm = HFLM(pretrained=str(export_dir), device="cpu", batch_size=8)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=["gpt2repro_hellaswag_local"], log_samples=True, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+    )
+    theirs = out["results"]["gpt2repro_hellaswag_local"]
+    examples = read_hellaswag(data)
+    mine = evaluate_hellaswag(ours(model), examples, batch_size=8, return_predictions=True)
+    assert theirs["sample_len"] == mine["hellaswag_n"] == 24
+    assert theirs["acc,none"] == mine["hellaswag_acc"]
+    assert theirs["acc_norm,none"] == mine["hellaswag_acc_norm"]
+    samples = sorted(out["samples"]["gpt2repro_hellaswag_local"], key=lambda s: s["doc_id"])
+    predictions = mine["predictions"]
+    assert [s["acc"] for s in samples] == [float(p["pred"] == p["label"]) for p in predictions]
+    assert [s["acc_norm"] for s in samples] == [float(p["pred_norm"] == p["label"]) for p in predictions]
+    loglikelihoods = torch.tensor([[ll for ll, _ in s["filtered_resps"]] for s in samples], dtype=torch.float64)
+    torch.testing.assert_close(loglikelihoods, -torch.tensor([p["sum_losses"] for p in predictions], dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+    # a check that can fail: per token, some examples are decided differently
+    assert any(p["pred_norm"] != p["pred_norm_tokens"] for p in predictions)
 
 
 def test_lm_eval_hflm_on_the_export_gives_our_log_likelihoods(model, export_dir, examples):
@@ -418,7 +488,7 @@ def test_cli_eval_json_is_one_line_and_checkpoint_and_export_agree(model, export
         assert len(out.strip().splitlines()) == 1
         outputs.append(json.loads(out))
     assert outputs[0] == outputs[1]
-    assert set(outputs[0]) == {"hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n"} and outputs[0]["hellaswag_n"] == 6
+    assert list(outputs[0]) == list(HELLASWAG_KEYS) and outputs[0]["hellaswag_n"] == 6
 
 
 def test_cli_eval_scores_a_plain_gpt2lmheadmodel_directory_like_transformers_does(examples, tmp_path, capsys):
@@ -439,8 +509,12 @@ def test_cli_eval_scores_a_plain_gpt2lmheadmodel_directory_like_transformers_doe
 def test_cli_eval_table_shows_our_scores_beside_the_reference_models(export_dir, tmp_path, capsys):
     data = write_hellaswag(tmp_path / "hs.jsonl", n=4)
     assert main(["eval", "--model", str(export_dir), "--hellaswag", str(data)]) == 0
-    out = capsys.readouterr().out
-    assert "hellaswag_acc_norm" in out and "GPT-2 124M 0.2955" in out and "GPT-3 Small (124M) 0.3370" in out
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("hellaswag_")}
+    assert list(rows) == list(HELLASWAG_KEYS)
+    # the published scores are token-normalised: they stand beside acc_norm_tokens, not lm-eval's acc_norm
+    assert rows["hellaswag_acc_norm_tokens"].endswith("GPT-2 124M 0.2955, GPT-3 Small (124M) 0.3370")
+    assert rows["hellaswag_acc"].endswith("GPT-2 124M 0.2859")
+    assert "GPT" not in rows["hellaswag_acc_norm"] and "GPT" not in rows["hellaswag_n"]
 
 
 def test_cli_eval_data_reports_the_mean_loss_of_the_data_modules_validation_windows(model, export_dir, monkeypatch, capsys):

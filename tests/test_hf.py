@@ -97,7 +97,8 @@ def model() -> GPT:
 
 @pytest.fixture(scope="module")
 def export_dir(model, tmp_path_factory) -> Path:
-    metrics = {"val_loss": 3.28, "hellaswag_acc": 0.29, "hellaswag_acc_norm": 0.31, "hellaswag_n": 10042}
+    metrics = {"val_loss": 3.28, "hellaswag_acc": 0.29, "hellaswag_acc_norm_tokens": 0.31, "hellaswag_acc_norm": 0.30,
+               "hellaswag_n": 10042}
     return save_hf(model, tmp_path_factory.mktemp("export") / "tiny-gpt2", metrics=metrics)
 
 
@@ -132,13 +133,40 @@ def test_model_card_has_hub_metadata_and_model_index_results(export_dir):
     assert card.startswith("---\n")
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert meta["license"] == "mit" and "gpt2repro" in meta["tags"]
+    assert "datasets" not in meta and "base_model" not in meta  # nothing known about the data; from scratch
     [entry] = meta["model-index"]
     assert entry["name"] == "tiny-gpt2"
     results = {(r["dataset"]["name"], m["type"]): m["value"] for r in entry["results"] for m in r["metrics"]}
     assert results == {
-        ("HellaSwag", "acc"): 0.29, ("HellaSwag", "acc_norm"): 0.31, ("held-out validation split", "loss"): 3.28,
+        ("HellaSwag", "acc"): 0.29, ("HellaSwag", "acc_norm_tokens"): 0.31, ("HellaSwag", "acc_norm"): 0.30,
+        ("held-out validation split", "loss"): 3.28,
     }
+    names = {m["type"]: m["name"] for r in entry["results"] for m in r["metrics"]}
+    assert "lm-eval" in names["acc_norm"] and "completion style, token-normalised" in names["acc_norm_tokens"]
     assert all(r["task"]["type"] == "text-generation" for r in entry["results"])
+    [hellaswag] = [r for r in entry["results"] if r["dataset"]["name"] == "HellaSwag"]
+    assert hellaswag["dataset"]["type"] == "Rowan/hellaswag" and hellaswag["dataset"]["split"] == "validation"
+
+
+def test_model_card_round_trips_through_huggingface_hub_with_training_facts(model, tmp_path):
+    from huggingface_hub import ModelCard
+
+    data = {"sources": ["HuggingFaceFW/fineweb-edu"], "name": "sample-10BT", "split": "train", "val_tokens": 100_000_000}
+    out = save_hf(model, tmp_path / "hf", train_config={"max_steps": 19073, "total_batch_size": 524288},
+                  metrics={"val_loss": 3.08, "hellaswag_acc_norm_tokens": 0.305, "hellaswag_acc_norm": 0.312},
+                  model_name="gpt2-124M-fineweb", base_model="openai-community/gpt2", hardware="8 x NVIDIA H200",
+                  metric_steps={"val_loss": 19073, "hellaswag_acc_norm_tokens": 19073, "hellaswag_acc_norm": 19073},
+                  training={"step": 19073, "tokens_seen": 10_000_000_000, "world_size": 8}, data=data)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.model_name == "gpt2-124M-fineweb" and card.data.base_model == "openai-community/gpt2"
+    assert card.data.datasets == ["HuggingFaceFW/fineweb-edu"] and card.data.license == "mit"
+    results = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results == {("HuggingFaceFW/fineweb-edu", "loss"): 3.08, ("Rowan/hellaswag", "acc_norm_tokens"): 0.305,
+                       ("Rowan/hellaswag", "acc_norm"): 0.312}
+    for row in ("| tokens trained | 10,000,000,000 |", "| hardware | 8 x NVIDIA H200 |", "| processes (world size) | 8 |",
+                "| val_loss | 3.0800 | 19,073 |", "max_steps: 19073", "fine-tuned from [openai-community/gpt2]"):
+        assert row in card.text, row
 
 
 def test_exported_tokenizer_encodes_tiny_shakespeare_exactly_like_tiktoken(export_dir, tmp_path):

@@ -53,10 +53,17 @@ def evaluate_model(
 
 
 def format_results(results: dict) -> str:
-    """A readable table of eval results, with the reference models' HellaSwag scores beside ours."""
-    lines = [f"{'metric':<20} {'value':>10}  reference"]
+    """A readable table of eval results, with the reference models' HellaSwag scores beside ours.
+
+    A reference stands only beside the score computed by the same rule: GPT-2 124M's and GPT-3
+    Small's published HellaSwag numbers are token-normalised (acc_norm_tokens), not lm-eval's acc_norm."""
+    width = max([len("metric"), *map(len, results)])
+    lines = [f"{'metric':<{width}} {'value':>10}  reference"]
     for key, value in results.items():
         references = ", ".join(f"{name} {scores[key]:.4f}" for name, scores in REFERENCE_SCORES.items() if key in scores)
         shown = "-" if value is None else f"{value:>10,}" if isinstance(value, int) else f"{value:>10.4f}"
-        lines.append(f"{key:<20} {shown:>10}  {references}".rstrip())
+        lines.append(f"{key:<{width}} {shown:>10}  {references}".rstrip())
+    if any(key.startswith("hellaswag_acc") for key in results):
+        lines.append("HellaSwag, completion style: acc = lowest summed loss of the ending, acc_norm_tokens = per token "
+                     "(GPT-2 reproduction), acc_norm = per character (lm-eval, Open LLM Leaderboard)")
     return "\n".join(lines)

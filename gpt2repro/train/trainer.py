@@ -30,7 +30,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, scan_checkpoints
 from ..config import TrainConfig
-from ..data import TokenLoader
+from ..data import TokenLoader, read_manifest
 from ..errors import UserError
 from ..model import GPT
 from ..model.attention import backend as attention_backend
@@ -76,8 +76,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.loader = None
+        self.loader, self.data_source = None, None
         if data_dir is not None:
+            self.data_source = read_manifest(data_dir)["source"]  # what the data was made from, for model cards
             self.loader = TokenLoader(
                 data_dir, "train", cfg.micro_batch_size, cfg.seq_len, rank=self.rank, world_size=self.world_size,
                 seed=cfg.seed, shuffle=cfg.shuffle, vocab_size=cfg.model.vocab_size,
@@ -157,11 +158,17 @@ class Trainer:
                 "tokens_seen": self.tokens_seen,
                 "skipped_steps": self.skipped_steps,
                 "world_size": self.world_size,
+                "hardware": self._hardware(),
+                "data": self.data_source,
                 "loader": self.loader.state_dict() if self.loader is not None else None,
                 "rng": rng,
                 "config": self.cfg.to_dict(),
             },
         }
+
+    def _hardware(self) -> str:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU process"
+        return f"{self.world_size} x {name}"
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state_dict() (e.g. one read by checkpoint.load_checkpoint) on every process."""
