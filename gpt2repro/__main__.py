@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
     p.add_argument("--model", help="model preset (default: gpt2, the 124M model)")
+    p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                   help="training-config overrides, e.g. --set attention=sdpa activation_checkpointing=true")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_cmd_bench)
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .config import MODEL_PRESETS, TRAIN_PRESETS, TrainConfig
+from .config import MODEL_PRESETS, TRAIN_PRESETS, TrainConfig, apply_overrides, parse_set
 from .errors import UserError
 from .model.attention import backend as attention_backend
 from .train import Trainer, build_optimizer
@@ -74,7 +74,8 @@ def training_step(cfg: TrainConfig, tokens: torch.Tensor) -> tuple[Trainer, Call
 def bench_ours(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int) -> dict:
     trainer, step = training_step(cfg, tokens)
     first_step_s, times = _time_steps(step, warmup, steps, trainer.device)
-    result = {"ms": times, "first_step_s": first_step_s, "peak_gib": _peak_gib(trainer.device), "device": trainer.device}
+    result = {"ms": times, "first_step_s": first_step_s, "peak_gib": _peak_gib(trainer.device), "device": trainer.device,
+              "distributed": trainer.accelerator.distributed_type.value}
     del trainer
     return result
 
@@ -108,14 +109,17 @@ def bench_hf(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int, de
     return result
 
 
-def bench_setup(batch: int = 64, seq: int = 1024, preset: str = "gpt2-124M",
-                model: str | None = None) -> tuple[TrainConfig, torch.Tensor]:
-    """The training config of one (batch x seq) micro-step with no accumulation, and its random tokens."""
+def bench_setup(batch: int = 64, seq: int = 1024, preset: str = "gpt2-124M", model: str | None = None,
+                overrides: list[str] = ()) -> tuple[TrainConfig, torch.Tensor]:
+    """The training config of one (batch x seq) micro-step with no accumulation, and its random tokens.
+    `overrides` are `--set KEY=VALUE` items (speed levers such as attention=sdpa, loss_chunk_rows=N,
+    recompute_gelu=false, compile_scope=model, activation_checkpointing=true)."""
     cfg: TrainConfig = TRAIN_PRESETS[preset]()
     if model is not None:
         if model not in MODEL_PRESETS:
             raise UserError(f"unknown model {model!r}; known: {', '.join(MODEL_PRESETS)}")
         cfg.model = dataclasses.replace(MODEL_PRESETS[model])
+    apply_overrides(cfg, parse_set(list(overrides)))
     cfg.micro_batch_size, cfg.seq_len, cfg.total_batch_size = batch, seq, batch * seq
     cfg.model.block_size = max(cfg.model.block_size, seq)
     cfg.hellaswag = None
@@ -127,11 +131,11 @@ def bench_setup(batch: int = 64, seq: int = 1024, preset: str = "gpt2-124M",
 
 
 def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5, compare_hf: bool = False,
-              preset: str = "gpt2-124M", model: str | None = None) -> dict:
-    cfg, tokens = bench_setup(batch, seq, preset, model)
+              preset: str = "gpt2-124M", model: str | None = None, overrides: list[str] = ()) -> dict:
+    cfg, tokens = bench_setup(batch, seq, preset, model, overrides)
 
     ours = bench_ours(cfg, tokens, warmup, steps)
-    device = ours.pop("device")
+    device, distributed = ours.pop("device"), ours.pop("distributed")
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -141,6 +145,9 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
         "steps": steps,
         "compile": cfg.compile,
         "mixed_precision": cfg.mixed_precision,
+        "distributed": distributed,  # NO, or FSDP under accelerate launch --config_file accelerate_configs/fsdp.yaml
+        "model": f"{cfg.model.n_layer} layers x {cfg.model.n_embd}",
+        "settings": list(overrides),
         "attention": attention_backend(device, resolve_mixed_precision(cfg.mixed_precision), cfg.attention),
         "mfu_formula": MFU_FORMULA,
     }
@@ -191,7 +198,9 @@ def main(args) -> None:
     if not torch.cuda.is_available() and args.batch * args.seq > CPU_TOKENS:
         raise UserError(f"no CUDA GPU here: on the CPU, bench at most {CPU_TOKENS:,} tokens per step "
                         f"(e.g. --batch 4 --seq 256); {args.batch} x {args.seq} would need tens of GB of memory")
-    result = run_bench(args.batch, args.seq, args.steps, args.warmup, args.compare == "hf", model=args.model)
+    settings = [item for group in args.set for item in group]
+    result = run_bench(args.batch, args.seq, args.steps, args.warmup, args.compare == "hf", model=args.model,
+                       overrides=settings)
     if args.json:
         print(json.dumps(result))
     else:

@@ -2,22 +2,18 @@
 
     python scripts/bench_levers.py --lever LEVER[,LEVER...] [--steps 20] [--batch 64] [--profile FILE] [--memory FILE]
 
+Levers of our own code are training-config settings (the same `--set` keys `train` and `bench` take):
 default: the step as `train` runs it.
-plain-loss: the loss through the full (B*T, V) logits, as before the chunked loss (loss.py).
-chunk-N: the chunked loss with N rows per chunk (the default is loss.CHUNK_ROWS).
+plain-loss: the loss through the full (B*T, V) logits (loss_chunk_rows=0), as before the chunked loss.
+chunk-N: the chunked loss with N rows per chunk (loss_chunk_rows=N; the default is 8192).
+sdpa: scaled_dot_product_attention even where flash-attn-4's kernels are installed (attention=sdpa).
+save-gelu: the MLP keeps its GELU output for backward instead of recomputing it there (recompute_gelu=false).
+model-compile: one graph for the whole model (compile_scope=model; the default compiles one Block graph).
+checkpointing: every Block recomputed in backward (activation_checkpointing=true).
+Levers of PyTorch's own settings:
 flash / cudnn: scaled_dot_product_attention limited to FlashAttention-2 / cuDNN attention.
-sdpa: scaled_dot_product_attention even where flash-attn-4's kernels are installed (attention.py).
 cdt: inductor's coordinate-descent tuning of its generated kernels.
-save-gelu: the MLP keeps its GELU output for backward instead of recomputing it there.
-cudagraphs: torch.compile(mode="reduce-overhead"), replaying each graph's kernels as a CUDA graph.
-model-compile: compile_scope=model, one graph for the whole model (the default compiles one Block graph).
-bf16-residual: the residual stream between blocks in bf16 instead of autocast's fp32.
-compile-ends: with the Block graph, also compile the embeddings and the final LayerNorm.
-compile-head: with the Block graph, also compile the training forward's two ends as functions: the
-    embedding sum, and the final LayerNorm with the loss (its casts and gradient scaling).
-nested-region: compile the whole model, each Block a nested compile region traced once.
 tile-reductions: inductor's 2-D tiled reductions (LayerNorm and bias gradients).
-xent-BLOCK-WARPS: the loss kernel with this block size and number of warps.
 cublaslt: cuBLASLt for every matmul (torch.backends.cuda.preferred_blas_library), not only those with a bias.
 autotune: inductor's GEMM autotuning (cuBLAS against Triton templates, whose epilogues can take in
     the neighbouring bias, GELU and residual kernels), benchmarked in a subprocess.
@@ -25,17 +21,16 @@ autotune: inductor's GEMM autotuning (cuBLAS against Triton templates, whose epi
 --gemms FILE: after timing, profile 3 steps and write each matmul shape's GPU time and TFLOP/s.
 --memory FILE: after timing, write the peak memory of each phase of a step and the tensors alive at
     the step's peak, largest first, with the line of (generated) code that allocated them.
-Each lever needs a fresh process (compilation settings are global), hence a script rather than a flag.
+The loss kernel's launch settings are swept by scripts/bench_loss_kernel.py. Each lever needs a fresh
+process (compilation settings are global), hence a script rather than a flag.
 """
 
 import argparse
-import dataclasses
 import json
 import re
 import time
 
 import torch
-import torch.nn.functional as F
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--lever", default="default")
@@ -46,23 +41,24 @@ parser.add_argument("--gemms", metavar="FILE")
 parser.add_argument("--memory", metavar="FILE")
 args = parser.parse_args()
 
-import gpt2repro.attention  # noqa: E402
-import gpt2repro.config  # noqa: E402
-import gpt2repro.loss  # noqa: E402
-import gpt2repro.model  # noqa: E402
-import gpt2repro.train  # noqa: E402
 import torch._inductor.config as inductor  # noqa: E402
 
+from gpt2repro.bench import bench_setup, run_bench, training_step  # noqa: E402
 
-def apply(lever: str) -> None:
-    if lever == "plain-loss":
-        gpt2repro.model.linear_cross_entropy = lambda x, w, targets, ignore_index: F.cross_entropy(
-            F.linear(x, w).float(), targets, ignore_index=ignore_index)
-    elif lever.startswith("chunk-"):
-        gpt2repro.loss.CHUNK_ROWS = int(lever.removeprefix("chunk-"))
-    elif lever == "sdpa":
-        gpt2repro.attention.ENABLED = False
-    elif lever == "flash":
+SETTINGS = {  # levers of our own code: training-config overrides
+    "default": [], "plain-loss": ["loss_chunk_rows=0"], "sdpa": ["attention=sdpa"],
+    "save-gelu": ["recompute_gelu=false"], "model-compile": ["compile_scope=model"],
+    "checkpointing": ["activation_checkpointing=true"],
+}
+
+
+def apply(lever: str) -> list[str]:
+    """Set a PyTorch-level lever, or return the config overrides of one of ours."""
+    if lever in SETTINGS:
+        return SETTINGS[lever]
+    if lever.startswith("chunk-"):
+        return [f"loss_chunk_rows={int(lever.removeprefix('chunk-'))}"]
+    if lever == "flash":
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.enable_mem_efficient_sdp(False)
     elif lever == "cudnn":
@@ -77,63 +73,14 @@ def apply(lever: str) -> None:
         inductor.max_autotune_gemm_backends = "ATEN,TRITON"
         inductor.autotune_in_subproc = True
         inductor.triton.enable_persistent_tma_matmul = True
-    elif lever == "save-gelu":
-        gpt2repro.model.MLP.forward = lambda self, x: self.c_proj(self.act(self.c_fc(x)))
-    elif lever == "model-compile":
-        preset = gpt2repro.config.TRAIN_PRESETS["gpt2-124M"]
-        gpt2repro.config.TRAIN_PRESETS["gpt2-124M"] = lambda: dataclasses.replace(preset(), compile_scope="model")
-    elif lever == "bf16-residual":
-        block_forward = gpt2repro.model.Block.forward
-        gpt2repro.model.Block.forward = lambda self, x, kv_cache=None: block_forward(self, x.to(torch.bfloat16), kv_cache)
-    elif lever == "compile-ends":
-        trainer_init = gpt2repro.train.Trainer.__init__
-
-        def init(self, *a, **kw):
-            trainer_init(self, *a, **kw)
-            for module in (self.raw_model.transformer.wte, self.raw_model.transformer.wpe, self.raw_model.transformer.ln_f):
-                module.compile()
-
-        gpt2repro.train.Trainer.__init__ = init
-    elif lever == "compile-head":
-        gpt_forward = gpt2repro.model.GPT.forward
-
-        @torch.compile(fullgraph=True)
-        def embed(model, idx):
-            pos = torch.arange(idx.size(1), device=idx.device)
-            return model.transformer.wte(idx) + model.transformer.wpe(pos)
-
-        @torch.compile(fullgraph=True)
-        def head(model, x, targets):
-            x = model.transformer.ln_f(x)
-            return gpt2repro.model.linear_cross_entropy(x.view(-1, x.size(-1)), model.lm_head.weight, targets.reshape(-1), -1)
-
-        def forward(self, idx, targets=None, kv_cache=None, return_logits=None):
-            if targets is None or kv_cache is not None or return_logits:
-                return gpt_forward(self, idx, targets, kv_cache, return_logits)
-            x = embed(self, idx)
-            for block in self.transformer.h:
-                x = block(x)
-            return None, head(self, x, targets)
-
-        gpt2repro.model.GPT.forward = forward
-    elif lever == "nested-region":
-        gpt2repro.model.Block.forward = torch.compiler.nested_compile_region(gpt2repro.model.Block.forward)
-        apply("model-compile")
     elif lever == "tile-reductions":
         inductor.triton.tile_reductions = True
-    elif lever.startswith("xent-"):
-        gpt2repro.loss.XENT_BLOCK, gpt2repro.loss.XENT_WARPS = map(int, lever.split("-")[1:])
-    elif lever == "cudagraphs":
-        _compile = torch.compile
-        torch.compile = lambda model, **kwargs: _compile(model, mode="reduce-overhead", **kwargs)
-    elif lever != "default":
+    else:
         parser.error(f"unknown lever {lever!r}")
+    return []
 
 
-for lever in args.lever.split(","):
-    apply(lever)
-
-from gpt2repro.bench import bench_setup, run_bench, training_step  # noqa: E402
+OVERRIDES = [item for lever in args.lever.split(",") for item in apply(lever)]
 
 
 def kernel_kind(name: str) -> str:
@@ -152,7 +99,7 @@ def kernel_kind(name: str) -> str:
 
 def profiled_steps(**profiler_args) -> torch.profiler.profile:
     """A fresh step, 3 unprofiled steps of it, then the profile of 3 more, each synchronised as the bench times it."""
-    cfg, tokens = bench_setup(args.batch)
+    cfg, tokens = bench_setup(args.batch, overrides=OVERRIDES)
     _, step = training_step(cfg, tokens)
     for _ in range(3):
         step()
@@ -223,7 +170,7 @@ def gemms(path: str) -> None:
 def memory(path: str) -> None:
     import linecache
 
-    cfg, tokens = bench_setup(args.batch)
+    cfg, tokens = bench_setup(args.batch, overrides=OVERRIDES)
     trainer, step = training_step(cfg, tokens)
     x, y = (t.to(trainer.device) for t in (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
     gib = 2**30
@@ -236,7 +183,7 @@ def memory(path: str) -> None:
 
     def forward():
         nonlocal loss
-        loss = trainer.forward(x, y)[1]
+        loss = trainer.model(x, y)[1]
 
     phases = {
         "forward": forward,
@@ -285,7 +232,7 @@ def memory(path: str) -> None:
 
 
 start = time.perf_counter()
-result = run_bench(args.batch, 1024, steps=args.steps, warmup=3)
+result = run_bench(args.batch, 1024, steps=args.steps, warmup=3, overrides=OVERRIDES)
 result.update(lever=args.lever, wall_s=round(time.perf_counter() - start, 1))
 print(json.dumps(result), flush=True)
 if args.profile:

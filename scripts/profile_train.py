@@ -1,4 +1,4 @@
-"""Profile optimizer steps of the real training loop (`Trainer.run`) and report where the GPU idles.
+"""Profile optimizer steps of the real training loop (`Trainer.fit`) and report where the GPU idles.
 
     python scripts/profile_train.py --data DIR [--preset gutenberg-short] [--skip 4] [--steps 3] [--out FILE]
 
@@ -44,7 +44,7 @@ def profiled_step():
 
 trainer.train_step = profiled_step
 prof.start()
-trainer.run()
+trainer.fit()
 prof.stop()
 
 events = prof.events()
