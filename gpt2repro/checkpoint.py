@@ -264,6 +264,18 @@ def latest_checkpoint(root) -> Path | None:
     return intact[max(intact)] if intact else None
 
 
+def resume_point(root) -> Path | None:
+    """The checkpoint a run resumes from: the newest intact one, None in a run without checkpoints,
+    and a refusal when every checkpoint is damaged (starting over would overwrite the run's log)."""
+    intact, damaged = scan_checkpoints(root, full=True)
+    for path, reason in damaged.items():
+        logger.warning("skipping checkpoint: %s", reason)
+    if damaged and not intact:
+        raise UserError(f"every checkpoint in {root} is damaged ({', '.join(p.name for p in damaged)}); nothing was "
+                        "changed. To start over on purpose, pass a new --out")
+    return intact[max(intact)] if intact else None
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint directory as given, or the newest intact checkpoint of a run directory."""
     path = Path(path).expanduser()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, scan_checkpoints
+from ..checkpoint import latest_checkpoint, load_checkpoint, resume_point, save_checkpoint
 from ..config import TrainConfig
 from ..data import TokenLoader, read_manifest
 from ..errors import UserError
@@ -39,7 +38,7 @@ from ..run_dir import RunDir
 from . import state as training_state
 from .hooks import EvalHooks
 from .launch import is_fsdp, make_accelerator, use_cpu, world_size
-from .metrics import Progress, format_duration, mfu, peak_flops
+from .metrics import Progress, flat, format_duration
 from .optim import build_optimizer, get_lr
 from .policy import CheckpointPolicy
 
@@ -89,7 +88,7 @@ class Trainer:
         self.step = 0  # completed optimizer steps
         self.tokens_seen = 0
         self.skipped_steps = 0
-        checkpoint = self._checkpoint_to_resume()
+        checkpoint = resume_point(self.run.checkpoints) if self.run is not None else None
         self.resumed_from = checkpoint
 
         # the same seed on every process: identical initial weights without a broadcast
@@ -112,8 +111,6 @@ class Trainer:
         elif cfg.compile:
             # compile the prepared (DDP) module so its gradient buckets still overlap the backward pass
             self.model = torch.compile(self.model)
-        self.peak_flops = peak_flops(self.device)
-        self.flops_per_token = cfg.model.flops_per_token(cfg.seq_len)
 
     @property
     def engine(self) -> torch.nn.Module:
@@ -127,20 +124,6 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------
     # state
-
-    def _checkpoint_to_resume(self) -> Path | None:
-        """The newest intact checkpoint of the run; none in a new run; a refusal when every one is damaged."""
-        if self.run is None:
-            return None
-        intact, damaged = scan_checkpoints(self.run.checkpoints, full=True)
-        for path, reason in damaged.items():
-            if self.is_main:
-                logger.warning("skipping checkpoint: %s", reason)
-        if damaged and not intact:
-            names = ", ".join(p.name for p in damaged)
-            raise UserError(f"every checkpoint in {self.run.checkpoints} is damaged ({names}); nothing was changed. "
-                            f"To start over on purpose, pass a new --out")
-        return intact[max(intact)] if intact else None
 
     def state_dict(self) -> dict:
         """The whole training state: full model weights and optimizer state, data position, counters,
@@ -255,9 +238,7 @@ class Trainer:
         """Evaluation and samples due at `self.step` (or all of them, after the last step); True if any ran."""
         results = self.hooks.evaluate(self.model, self.step, final)
         if results:
-            progress.record({"step": self.step, **results})
-            progress.write(f"step {self.step:6d} | " + " | ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
+            progress.log_results(self.step, results)
         sampled = self.hooks.sample_due(self.step, final)
         if sampled:
             texts = self.hooks.sample(self.unwrapped)
@@ -295,29 +276,23 @@ class Trainer:
             self._describe()
         if cfg.log_with:
             acc.init_trackers("tensorboard" if cfg.log_with == "tensorboard" else self.run.path.name,
-                              config=_flat(cfg.to_dict()))
+                              config=flat(cfg.to_dict()))
         restore_sigterm = self.policy.install_sigterm_handler()
         try:
-            return self._loop()
+            return self._loop(Progress(self.run, acc, cfg, self.step))
         finally:
             restore_sigterm()
 
-    def _loop(self) -> bool:
+    def _loop(self, progress: Progress) -> bool:
         cfg, acc = self.cfg, self.accelerator
-        progress = Progress(self.run, acc, cfg.max_steps, self.step, self.is_main)
-        steps_this_run, step_times = 0, []
-        timer_start, steps_timed = None, 0
-        stopped = False
+        steps_this_run, stopped = 0, False
+        progress.restart_timer()
         while self.step < cfg.max_steps:
-            if self._evaluate(progress) or timer_start is None:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                timer_start, steps_timed = time.perf_counter(), 0  # evaluation time is not step time
-
+            if self._evaluate(progress):
+                progress.restart_timer()
             stats = self.train_step()
             self.step += 1
             steps_this_run += 1
-            steps_timed += 1
             self.tokens_seen += cfg.total_batch_size
             self.skipped_steps += int(stats.skipped)
             progress.advance()
@@ -328,13 +303,9 @@ class Trainer:
                 # norm, and whether any process was asked to stop (so all of them stop together)
                 flag = torch.tensor(float(self.policy.sigterm_received), device=self.device)
                 totals = acc.reduce(torch.stack([stats.loss.float(), flag]), reduction="sum").tolist()
-                loss, grad_norm = totals[0] / self.world_size, stats.grad_norm.item()
-                sigterm = totals[1] > 0
-                now = time.perf_counter()
-                step_ms = 1000 * (now - timer_start) / steps_timed
-                timer_start, steps_timed = now, 0
-                step_times.append(step_ms)
-                self._log_step(progress, loss, grad_norm, step_ms, step_times, stats.skipped)
+                loss, grad_norm, sigterm = totals[0] / self.world_size, stats.grad_norm.item(), totals[1] > 0
+                progress.log_step(self.step - 1, loss, grad_norm, get_lr(self.step - 1, cfg), self.tokens_seen,
+                                  self.skipped_steps if stats.skipped else None)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)) and cfg.on_nonfinite == "stop":
                     previous = latest_checkpoint(self.run.checkpoints)
                     raise UserError(
@@ -343,8 +314,7 @@ class Trainer:
                     )
             stop = sigterm or self.policy.stop_after(steps_this_run)
             if save_due or stop:
-                path = self.save()
-                progress.write(f"checkpoint: {path}")
+                progress.write(f"checkpoint: {self.save()}")
             if stop and self.step < cfg.max_steps:
                 why = "SIGTERM" if sigterm else f"stop_after_steps={cfg.stop_after_steps}"
                 progress.write(f"stopped after step {self.step} ({why}); rerun the same command to resume "
@@ -356,54 +326,14 @@ class Trainer:
         progress.close()
         if cfg.log_with:
             acc.end_training()
-        if self.is_main and not stopped:
+        if not stopped:
             progress.write(f"done: {self.step} steps in {format_duration(progress.elapsed())} "
                            f"(this invocation, evaluation included)")
         return not stopped
 
     def _final_evaluation_logged(self) -> bool:
-        return any(r["step"] == self.step and "train_loss" not in r for r in self.run.read_log()) \
-            if self.run.log.is_file() else False
-
-    def _log_step(self, progress: Progress, loss: float, grad_norm: float, step_ms: float, step_times: list,
-                  skipped: bool) -> None:
-        cfg = self.cfg
-        tokens_per_sec = cfg.total_batch_size / (step_ms / 1000)
-        utilisation = mfu(tokens_per_sec, self.flops_per_token, self.peak_flops, self.world_size)
-        record = {
-            "step": self.step - 1, "train_loss": loss, "lr": get_lr(self.step - 1, cfg), "grad_norm": grad_norm,
-            "ms": step_ms, "tokens_per_sec": tokens_per_sec, "mfu": utilisation, "tokens": self.tokens_seen,
-            "elapsed_s": progress.elapsed(),  # wall time of this invocation so far, compilation and evaluation included
-        }
-        if self.device.type == "cuda":
-            record["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30  # this process, since start
-        if skipped:
-            record["skipped"] = True
-            record["skipped_steps"] = self.skipped_steps
-        progress.record(record)
-        if self.is_main:
-            recent = sorted(step_times[-50:])
-            eta = (cfg.max_steps - self.step) * recent[len(recent) // 2] / 1000
-            line = (
-                f"step {self.step - 1:6d} | loss {loss:.6f} | lr {record['lr']:.4e} | norm {grad_norm:.4f} | "
-                f"{step_ms:8.1f} ms | {tokens_per_sec:11,.0f} tok/s"
-            )
-            if utilisation is not None:
-                line += f" | MFU {100 * utilisation:.1f}% (6N+6LCT)"
-            line += f" | ETA {format_duration(eta)}"
-            if skipped:
-                line += " | SKIPPED (non-finite gradients)"
-            progress.write(line)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+        return self.run.log.is_file() and any(r["step"] == self.step and "train_loss" not in r
+                                              for r in self.run.read_log())
 
 
 def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path) -> Trainer:
