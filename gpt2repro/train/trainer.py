@@ -29,7 +29,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from ..checkpoint import latest_checkpoint, load_checkpoint, resume_point, save_checkpoint
 from ..config import TrainConfig
-from ..data import TokenLoader, read_manifest
+from ..data import TokenLoader, read_manifest, verify_in_background
 from ..errors import UserError
 from ..model import GPT
 from ..model.attention import backend as attention_backend
@@ -75,9 +75,11 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.loader, self.data_source = None, None
+        self.loader, self.data_source, self.data_check = None, None, None
         if data_dir is not None:
             self.data_source = read_manifest(data_dir)["source"]  # what the data was made from, for model cards
+            if acc.is_local_main_process:  # every shard's sha256, in a thread, once per machine
+                self.data_check = verify_in_background(data_dir, "train")
             self.loader = TokenLoader(
                 data_dir, "train", cfg.micro_batch_size, cfg.seq_len, rank=self.rank, world_size=self.world_size,
                 seed=cfg.seed, shuffle=cfg.shuffle, vocab_size=cfg.model.vocab_size,
@@ -175,9 +177,27 @@ class Trainer:
         if changed and self.is_main:
             logger.warning("resuming with changed settings: %s", ", ".join(changed))
 
+    def _check_data(self) -> None:
+        """Before the first checkpoint: the shard check started at start-up must have passed on every
+        machine (a SIGTERM save does not wait for a check still running)."""
+        waiting = self.data_check is not None and not (self.policy.sigterm_received and not self.data_check.done())
+        problem = None
+        if waiting:
+            try:
+                self.data_check.result()
+            except UserError as e:
+                problem = str(e)
+        problems = [p for p in gather_object([problem]) if p]
+        if problems:
+            raise UserError(f"{problems[0]}; nothing was saved")
+        if waiting:
+            self.data_check = None
+
     def save(self) -> Path | None:
         """Checkpoint the state after `self.step` optimizer steps (gathered on every process, written by
-        the main one). Refuses to write non-finite weights or optimizer state."""
+        the main one). Refuses to write non-finite weights or optimizer state, or to save training on
+        data whose shards fail their sha256 check."""
+        self._check_data()
         state = self.state_dict()
         path = None
         if self.is_main:
