@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import TRAIN_PRESETS, describe_keys, describe_presets
 from .errors import UserError
 
 
@@ -116,8 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="afterwards check every shard's sha256 against the manifest")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("train", help="train (or resume) a run; works under `accelerate launch` on any number of GPUs")
-    p.add_argument("--preset", default="gpt2-124M", help="gpt2-124M (default), gpt3-124M, gutenberg-short or tiny")
+    p = sub.add_parser(
+        "train", help="train (or resume) a run; works under `accelerate launch` on any number of GPUs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"presets (what each sets beside the defaults):\n{describe_presets()}\n\n"
+               f"--set keys (every field of TrainConfig, commented in gpt2repro/config.py):\n{describe_keys()}\n\n"
+               "exit status: 0 done, 2 bad input (one line on stderr), 75 stopped early with a checkpoint (rerun to resume)")
+    p.add_argument("--preset", default="gpt2-124M", help=f"one of {', '.join(TRAIN_PRESETS)} (default gpt2-124M)")
     p.add_argument("--data", required=True, help="prepared data directory (gpt2repro prepare)")
     p.add_argument("--out", required=True, help="run directory; rerunning with the same one resumes")
     p.add_argument("--config", help="YAML file of config overrides, applied after the preset")

@@ -18,6 +18,7 @@ import torch
 
 from .config import MODEL_PRESETS, TRAIN_PRESETS, TrainConfig, apply_overrides, parse_set
 from .errors import UserError
+from .eval.device import autocast
 from .model.attention import backend as attention_backend
 from .train import Trainer, build_optimizer
 from .train.launch import resolve_mixed_precision
@@ -96,7 +97,7 @@ def bench_hf(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int, de
     dtype = torch.bfloat16 if cfg.mixed_precision in ("bf16", "auto") and device.type == "cuda" else None
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, dtype):
             loss = compiled(input_ids=x, labels=x).loss  # HF shifts the labels itself
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

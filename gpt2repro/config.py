@@ -9,6 +9,7 @@ together.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 EOT_TOKEN = 50256  # <|endoftext|>, the document separator of GPT-2's tokenizer
 GPT2_VOCAB_SIZE = 50257  # real GPT-2 vocabulary: 50,000 merges + 256 bytes + <|endoftext|>
@@ -242,6 +243,31 @@ TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
 }
 
 
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def describe_presets() -> str:
+    """One line per preset: what it sets, for `train --help`."""
+    default = TrainConfig().to_dict()
+    lines = []
+    for name, make in TRAIN_PRESETS.items():
+        values = make().to_dict()
+        changed = [f"{k}={v}" for k, v in values.items() if k != "model" and v != default[k]]
+        m = values["model"]
+        shape = f"{m['n_layer']} layers x {m['n_embd']}, context {m['block_size']}"
+        lines.append(f"  {name}: {shape}; " + (" ".join(changed) or "the defaults"))
+    return "\n".join(lines)
+
+
+def describe_keys() -> str:
+    """Every --set key with its default, for `train --help`."""
+    keys = [f"model.{f.name}" for f in dataclasses.fields(GPTConfig)]
+    keys += [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    return "  " + ", ".join(keys)
+
+
 def _coerce(value, annotation, key: str):
     """Check a YAML / --set value against a field's annotation (string annotations, as written above)."""
     kind = annotation.replace(" ", "")
@@ -284,14 +310,15 @@ def _set(obj, key: str, value, prefix: str = "") -> None:
     head, _, rest = key.partition(".")
     full = prefix + head
     if head not in fields:
-        raise UserError(f"unknown config key {full!r}; known: {', '.join(sorted(fields))}")
+        raise UserError(f"unknown config key {full!r}{_did_you_mean(head, fields)}; known: {', '.join(sorted(fields))}")
     current = getattr(obj, head)
     if dataclasses.is_dataclass(current):
         if rest:
             _set(current, rest, value, full + ".")
         elif isinstance(value, str):
             if value not in MODEL_PRESETS:
-                raise UserError(f"unknown model preset {value!r}; known: {', '.join(MODEL_PRESETS)}")
+                raise UserError(f"unknown model preset {value!r}{_did_you_mean(value, MODEL_PRESETS)}; "
+                                f"known: {', '.join(MODEL_PRESETS)}")
             setattr(obj, head, dataclasses.replace(MODEL_PRESETS[value]))
         elif isinstance(value, dict):
             for sub_key, sub_value in value.items():
@@ -335,7 +362,9 @@ def parse_set(items: list[str]) -> dict:
 def load_train_config(preset: str, config_file: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Preset, then YAML file, then --set overrides; every problem is reported at once, in one line."""
     if preset not in TRAIN_PRESETS:
-        raise UserError(f"unknown preset {preset!r}; known: {', '.join(TRAIN_PRESETS)}")
+        hint = (f" ({preset} is a model shape: --set model={preset})" if preset in MODEL_PRESETS
+                else _did_you_mean(preset, TRAIN_PRESETS))
+        raise UserError(f"unknown preset {preset!r}{hint}; known: {', '.join(TRAIN_PRESETS)}")
     cfg = TRAIN_PRESETS[preset]()
     problems = []
     for source in (_read_config_file(config_file) if config_file is not None else {}, parse_set(list(overrides))):
@@ -355,7 +384,7 @@ def _read_config_file(config_file: str | Path) -> dict:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config file {path} is not valid YAML: {first_line(e, with_type=False)}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of config keys")
     return values

@@ -35,7 +35,11 @@ fi
 PY=.venv/bin/python
 
 $PY -m gpt2repro prepare --source "$TEXT" --out data/quickstart --val-tokens 32768 --shard-size 10000000
-$PY -m gpt2repro train --preset tiny --data data/quickstart --out runs/quickstart
+$PY -m gpt2repro train --preset tiny --data data/quickstart --out runs/quickstart || {
+  status=$?  # 75: stopped early (SIGTERM) with a checkpoint saved; nothing half-trained is exported
+  [ "$status" -eq 75 ] && echo "quickstart: stopped early: rerun to resume" >&2
+  exit "$status"
+}
 $PY -m gpt2repro export runs/quickstart --out runs/quickstart/hf
 $PY - <<'PY'
 from transformers import pipeline

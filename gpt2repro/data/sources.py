@@ -114,7 +114,7 @@ def _parquet_documents(path: Path, text_field: str):
                     raise UserError(f"{path}: row {row} has a {type(value).__name__} in {text_field!r}, not text")
                 yield value
     except (pyarrow.ArrowException, OSError) as e:
-        raise UserError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path} is not a readable parquet file ({first_line(e, with_type=False)})") from None
 
 
 def _hub_documents(dataset_id: str, name: str | None, split: str, text_field: str):

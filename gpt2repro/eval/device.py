@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 
 def inference_device(device: str | None = None) -> tuple[torch.device, torch.dtype | None]:
@@ -16,7 +16,7 @@ def inference_device(device: str | None = None) -> tuple[torch.device, torch.dty
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.empty(1, device=device)  # fails at once for a device this machine lacks
     except (RuntimeError, AssertionError) as e:
-        raise UserError(f"cannot use device {device!r} here ({str(e).strip().splitlines()[0]})") from None
+        raise UserError(f"cannot use device {device!r} here ({first_line(e, with_type=False)})") from None
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return device, torch.bfloat16
     return device, None

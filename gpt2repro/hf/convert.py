@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from .. import io
 from ..config import EOT_TOKEN, GPT2_VOCAB_SIZE, GPTConfig
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..model import GPT
 
 # weights stored transposed by HF's Conv1D
@@ -105,7 +105,7 @@ def load_hf_model(source) -> GPT2LMHeadModel:
 
 def _load_error(source: str, local: Path, error: Exception) -> UserError:
     if local.exists():
-        return UserError(f"cannot load {local} as a GPT-2 model: {str(error).strip().splitlines()[0]}")
+        return UserError(f"cannot load {local} as a GPT-2 model: {first_line(error, with_type=False)}")
     offline = io.offline()
     if not offline and "safetensors" in str(error):
         return UserError(f"{source!r} on the Hugging Face Hub has no safetensors weights; gpt2repro loads no "

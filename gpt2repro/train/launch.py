@@ -71,7 +71,12 @@ def make_accelerator(cfg: TrainConfig, grad_accum_steps: int, project_dir: str |
             raise UserError(f"log_with={cfg.log_with} needs the {cfg.log_with} package: pip install {cfg.log_with}")
         trackers = "all" if cfg.log_with == "all" else [cfg.log_with]
     check_fsdp()
-    fsdp = FullyShardedDataParallelPlugin() if fsdp_requested() else None  # reads the launcher's FSDP_* settings
+    fsdp = None
+    if fsdp_requested():  # the launcher's FSDP_* settings, and the recipe's arithmetic under every engine:
+        # fp32 weights gathered and gradients reduced in fp32, bf16 matmuls by autocast (as in DDP), not
+        # Accelerate's default of bf16 weights and bf16 gradient reduction
+        fp32 = torch.distributed.fsdp.MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        fsdp = FullyShardedDataParallelPlugin(mixed_precision_policy=fp32)
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum_steps,
         cpu=use_cpu(),
