@@ -7,6 +7,8 @@ check what the log cannot show. Writes one JSON line per process to OUT.rank.
 import json
 import sys
 
+import torch
+
 from torch.distributed.tensor import DTensor
 
 from gpt2repro.config import load_train_config
@@ -14,6 +16,10 @@ from gpt2repro.train import Trainer
 
 data, run, out, *settings = sys.argv[1:]
 trainer = Trainer(load_train_config("tiny", None, settings), data, run)
+dtypes = []
+trainer.unwrapped.transformer.h[0].attn.c_attn.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+tokens = torch.randint(0, 50257, (trainer.cfg.micro_batch_size, trainer.cfg.seq_len + 1))
+trainer.accumulate_gradients([(tokens[:, :-1], tokens[:, 1:])])  # gradients are dropped by the next zero_grad
 live = {id(p) for p in trainer.model.parameters()}
 state = trainer.optimizer.optimizer.state
 report = {
@@ -23,6 +29,7 @@ report = {
     "state_entries": len(state),
     "entries_on_live_parameters": sum(id(p) in live for p in state),
     "moments_sharded": all(isinstance(s["exp_avg"], DTensor) for s in state.values()),
+    "matmul_dtype": str(dtypes[0]),  # under mixed precision the sharded model's matmuls run in it
 }
 with open(f"{out}.{trainer.rank}", "w") as f:
     f.write(json.dumps(report) + "\n")

@@ -105,12 +105,13 @@ def test_fsdp_parameters_are_dtensors_and_resumed_optimizer_state_is_on_live_par
     run_dir = tmp_path / "probe"
     train_cli(runs["data"], run_dir, "stop_after_steps=3", fsdp_port=29579, expect=1)
     out = tmp_path / "report"
-    run([str(REPO / "tests" / "fsdp_probe.py"), str(runs["data"]), str(run_dir), str(out), *SMALL],
-        launcher(29581))
+    run([str(REPO / "tests" / "fsdp_probe.py"), str(runs["data"]), str(run_dir), str(out), *SMALL,
+         "mixed_precision=bf16"], launcher(29581))
     for rank in (0, 1):
         report = json.loads(Path(f"{out}.{rank}").read_text())
         assert report["resumed_step"] == 3 and report["all_dtensors"] and report["moments_sharded"], report
         assert report["state_entries"] == report["parameters"] == report["entries_on_live_parameters"], report
+        assert report["matmul_dtype"] == "torch.bfloat16", report  # autocast reaches the sharded model
 
 
 def test_fsdp_without_a_launcher_or_with_fsdp1_is_refused_in_one_line(tmp_path):

@@ -52,7 +52,8 @@ class EvalHooks:
         cfg = self.cfg
 
         def loss(x, y):
-            return model(x.to(self.device), y.to(self.device))[1]
+            with self.accelerator.autocast():
+                return model(x.to(self.device), y.to(self.device))[1]
 
         blank = torch.zeros(cfg.micro_batch_size, cfg.seq_len, dtype=torch.long)
         return validation_loss(loss, self.val_batches, all_reduce=self._sum, device=self.device,

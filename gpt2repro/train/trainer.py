@@ -224,7 +224,8 @@ class Trainer:
         for x, y in batches:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            with self.accelerator.accumulate(self.model):
+            # autocast here too: Accelerate wraps a DDP model's forward in it, not an FSDP2 model's
+            with self.accelerator.accumulate(self.model), self.accelerator.autocast():
                 _, loss = self.model(x, y)
                 loss_sum += loss.detach()
                 self.accelerator.backward(loss)  # divides by grad_accum_steps
