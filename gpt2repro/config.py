@@ -110,7 +110,11 @@ class TrainConfig:
     stop_after_steps: int = 0  # end this invocation after N optimizer steps with a checkpoint (0: run to max_steps)
     on_nonfinite: str = "stop"  # non-finite loss or grad norm: "stop" (keep last checkpoint) or "skip" the step
     log_every: int = 1  # optimizer steps between console/log.jsonl lines (each one syncs the GPU once)
-    log_with: str | None = None  # extra Accelerate tracker: "tensorboard", "wandb" or "all"
+    log_with: str | None = None  # extra Accelerate tracker: "tensorboard" (events in RUN/tensorboard/), "wandb" or "all"
+    progress_bar: bool = True  # a progress bar on a terminal; off, or when output goes to a file, one plain line per log
+    wandb_project: str = "gpt2repro"  # W&B project (also the subfolder of RUN/tensorboard/ the events go to)
+    wandb_run_name: str | None = None  # W&B run name; null: the run directory's name
+    wandb_tags: list[str] = field(default_factory=list)  # W&B tags
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-steps per optimizer step on each process, so one step sees total_batch_size tokens."""
@@ -297,6 +301,11 @@ def _coerce(value, annotation, key: str):
                 return number
     elif kind == "str":
         return str(value)
+    elif kind == "list[str]":
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
     elif kind == "list[int]":
         if isinstance(value, int) and not isinstance(value, bool):
             return [value]

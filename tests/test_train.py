@@ -267,7 +267,7 @@ def test_tensorboard_tracker_receives_the_logged_losses(data_dir, tmp_path):
 
     run = tmp_path / "run"
     train(small_config("max_steps=3", "log_with=tensorboard", "val_every=2", "sample_every=0"), data_dir, run)
-    accumulator = EventAccumulator(str(run / "tensorboard"))
+    accumulator = EventAccumulator(str(run / "tensorboard" / "gpt2repro"))  # RUN/tensorboard/<wandb_project>
     accumulator.Reload()
     logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     for key in ("train_loss", "val_loss"):
@@ -456,3 +456,25 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(data_dir, tmp_path):
     assert "stopped after step" in output and "SIGTERM" in output
     (step, path), = list_checkpoints(run / "checkpoints").items()
     assert max(losses(run)) == step - 1
+
+
+def test_trackers_get_the_wandb_project_run_name_and_tags(data_dir, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    calls = []
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, project, config=None, init_kwargs=None:
+                        calls.append((project, config, init_kwargs)))
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None: None)
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: None)
+    train(small_config("max_steps=2", "log_with=tensorboard", "wandb_project=gpt2-small", "wandb_tags=[a, b]",
+                       "val_every=0", "sample_every=0"), data_dir, tmp_path / "run")
+    (project, config, init_kwargs), = calls
+    assert project == "gpt2-small" and config["max_steps"] == 2
+    assert init_kwargs == {"wandb": {"name": "run", "tags": ["a", "b"]}}  # the run directory's name by default
+
+
+def test_output_to_a_file_has_plain_lines_and_no_progress_bar_frames(data_dir, tmp_path):
+    result = run_cli("train", "--preset", "tiny", "--data", str(data_dir), "--out", str(tmp_path / "run"),
+                     "--set", *SMALL, "max_steps=3", "val_every=0", "sample_every=0")
+    assert "\r" not in result.stdout + result.stderr  # captured: neither is a terminal
+    assert len(step_lines(result.stdout)) == 3

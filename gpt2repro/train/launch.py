@@ -10,11 +10,12 @@ FSDP2's `fully_shard` runs on gloo. An FSDP config on CPU is made to shard for r
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, is_tensorboard_available, is_wandb_available, parse_flag_from_env
+from accelerate.utils import DistributedType, ProjectConfiguration, is_tensorboard_available, is_wandb_available, parse_flag_from_env
 
 from ..config import TrainConfig
 from ..errors import UserError
@@ -63,7 +64,7 @@ def check_fsdp() -> None:
                         "lacks; install torch 2.6 or newer")
 
 
-def make_accelerator(cfg: TrainConfig, grad_accum_steps: int, project_dir: str | None) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, grad_accum_steps: int, run_dir: Path | None) -> Accelerator:
     trackers = None
     if cfg.log_with:
         if cfg.log_with in TRACKERS and not TRACKERS[cfg.log_with]():
@@ -82,7 +83,8 @@ def make_accelerator(cfg: TrainConfig, grad_accum_steps: int, project_dir: str |
         cpu=use_cpu(),
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         log_with=trackers,
-        project_dir=project_dir,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard"))
+        if run_dir is not None else None,
         fsdp_plugin=fsdp,
     )
     if fsdp is not None and accelerator.distributed_type != DistributedType.FSDP:

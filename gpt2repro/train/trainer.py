@@ -63,8 +63,7 @@ class Trainer:
         self.cfg = cfg
         self.run = RunDir(run_dir) if run_dir is not None else None
         self.grad_accum_steps = cfg.grad_accum_steps(world_size())  # refuses batch sizes that do not divide
-        tensorboard = str(self.run.path) if self.run is not None else None
-        self.accelerator = acc = make_accelerator(cfg, self.grad_accum_steps, tensorboard)
+        self.accelerator = acc = make_accelerator(cfg, self.grad_accum_steps, self.run.path if self.run else None)
         self.rank, self.world_size, self.device = acc.process_index, acc.num_processes, acc.device
         self.is_main = acc.is_main_process
         self.sharded = is_fsdp(acc)
@@ -296,11 +295,11 @@ class Trainer:
             self.run.truncate_log(self.step)
             self._describe()
         if cfg.log_with:
-            acc.init_trackers("tensorboard" if cfg.log_with == "tensorboard" else self.run.path.name,
-                              config=flat(cfg.to_dict()))
+            wandb = {"name": cfg.wandb_run_name or self.run.path.name, "tags": cfg.wandb_tags}
+            acc.init_trackers(cfg.wandb_project, config=flat(cfg.to_dict()), init_kwargs={"wandb": wandb})
         restore_sigterm = self.policy.install_sigterm_handler()
         try:
-            return self._loop(Progress(self.run, acc, cfg, self.step))
+            return self._loop(Progress(self.run, acc, cfg, self.step, bar=cfg.progress_bar))
         finally:
             restore_sigterm()
 
