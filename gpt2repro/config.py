@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError, first_line
+from .io import is_hub_id
 
 EOT_TOKEN = 50256  # <|endoftext|>, the document separator of GPT-2's tokenizer
 GPT2_VOCAB_SIZE = 50257  # real GPT-2 vocabulary: 50,000 merges + 256 bytes + <|endoftext|>
@@ -115,6 +116,8 @@ class TrainConfig:
     wandb_project: str = "gpt2repro"  # W&B project (also the subfolder of RUN/tensorboard/ the events go to)
     wandb_run_name: str | None = None  # W&B run name; null: the run directory's name
     wandb_tags: list[str] = field(default_factory=list)  # W&B tags
+    push_to_hub: str | None = None  # USER/NAME: upload the exported model to this Hub repository (token: hf auth login)
+    hub_strategy: str = "end"  # "end": the final model only; "every_save": every checkpoint, in the background
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-steps per optimizer step on each process, so one step sees total_batch_size tokens."""
@@ -169,6 +172,10 @@ class TrainConfig:
             problems.append(f"compile_scope must be 'model' or 'block', got {self.compile_scope!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             problems.append(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.push_to_hub is not None and not is_hub_id(self.push_to_hub, owner_required=True):
+            problems.append(f"push_to_hub must look like USER/NAME, got {self.push_to_hub!r}")
+        if self.hub_strategy not in ("end", "every_save"):
+            problems.append(f"hub_strategy must be 'end' or 'every_save', got {self.hub_strategy!r}")
         if self.log_with not in (None, "tensorboard", "wandb", "all"):
             problems.append(f"log_with must be tensorboard, wandb, all or null, got {self.log_with!r}")
         for name in ("val_every", "val_batches", "hellaswag_every", "sample_every", "num_samples",
@@ -248,7 +255,7 @@ TRAIN_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
 
 
 def _did_you_mean(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

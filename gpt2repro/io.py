@@ -59,11 +59,6 @@ def atomic_file(path, mode: str = "wb", **open_kwargs):
     fsync_dir(path.parent)
 
 
-def write_bytes(path, data: bytes) -> None:
-    with atomic_file(path, "wb") as f:
-        f.write(data)
-
-
 def write_text(path, text: str) -> None:
     with atomic_file(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -168,9 +163,9 @@ def append_jsonl(path, record: dict) -> None:
         f.write((json.dumps(record) + "\n").encode())
 
 
-def offline() -> str | None:
-    """The name of the set variable (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) that forbids downloads, or None."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+def offline(names: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) -> str | None:
+    """The name of the set variable among `names` that forbids network access, or None."""
+    for name in names:
         if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
             return name
     return None

@@ -57,16 +57,6 @@ class RunDir:
         with open(self.samples, "a", encoding="utf-8") as f:
             f.write("".join(f"step {step}: {t}\n" for t in texts))
 
-    def metrics_at(self, step: int | None, keys) -> dict:
-        """The latest value of each of `keys` logged at or before `step` (any step if None)."""
-        if not self.log.is_file():
-            return {}
-        metrics = {}
-        for record in self.read_log():
-            if step is None or record["step"] <= step:
-                metrics.update({k: record[k] for k in keys if record.get(k) is not None})
-        return metrics
-
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of one metric; a step logged again after a resume keeps its latest value."""

@@ -2,6 +2,7 @@ import math
 import types
 
 import pytest
+import torch
 
 from gpt2repro.__main__ import main
 from gpt2repro.config import MODEL_PRESETS, TRAIN_PRESETS, GPTConfig, TrainConfig, load_train_config
@@ -125,3 +126,27 @@ def test_larger_recipes_take_the_gpt3_settings_of_the_nearest_size(preset, shape
     assert cfg.warmup_steps * tokens_per_step == pytest.approx(375e6, rel=2e-3)  # 375M warmup tokens
     assert cfg.max_steps * tokens_per_step == pytest.approx(10e9, rel=2e-4)  # 10B tokens, one epoch
     assert cfg.grad_accum_steps(8) >= 1 and cfg.mixed_precision == "bf16" and cfg.hellaswag == "auto"
+
+
+def test_a_near_miss_gets_a_suggestion_and_a_model_shape_given_as_preset_gets_the_set_to_use():
+    with pytest.raises(UserError, match=r"unknown config key 'max_lrr' \(did you mean 'max_lr'\?\)"):
+        load_train_config("tiny", None, ["max_lrr=1e-3"])
+    with pytest.raises(UserError, match=r"unknown preset 'gpt2' \(gpt2 is a model shape: --set model=gpt2\)"):
+        load_train_config("gpt2")
+    with pytest.raises(UserError, match=r"unknown preset 'gpt2-124m' \(did you mean 'gpt2-124M'\?\)"):
+        load_train_config("gpt2-124m")
+
+
+def test_train_help_lists_every_preset_and_every_set_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"  {name}: " in text for name in TRAIN_PRESETS)
+    assert all(key in text for key in ("model.n_layer", "activation_checkpointing", "wandb_tags", "on_nonfinite"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_bench_with_its_gpu_defaults_on_a_cpu_is_refused_in_one_line(capsys):
+    assert main(["bench"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "no CUDA GPU here" in error and "64 x 1024" in error

@@ -14,11 +14,11 @@ from torch.nn import functional as F
 
 from gpt2repro import GPT, GPTConfig
 from gpt2repro.eval import hellaswag as evaluation
+from gpt2repro.eval import hellaswag_data
 from gpt2repro.__main__ import main
 from gpt2repro.errors import UserError
-from gpt2repro.eval.hellaswag import (
-    HELLASWAG_KEYS, evaluate_hellaswag, hellaswag_metric_path, load_hellaswag, read_hellaswag,
-)
+from gpt2repro.eval.hellaswag import HELLASWAG_KEYS, evaluate_hellaswag
+from gpt2repro.eval.hellaswag_data import hellaswag_metric_path, load_hellaswag, read_hellaswag
 from gpt2repro.eval.validation import validation_loss
 from gpt2repro.hf.export import save_hf
 from helpers import write_model_dir
@@ -415,7 +415,7 @@ def hellaswag_server(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(evaluation, "HELLASWAG_URL", f"http://127.0.0.1:{server.server_port}/hellaswag_{{name}}.jsonl")
+    monkeypatch.setattr(hellaswag_data, "HELLASWAG_URL", f"http://127.0.0.1:{server.server_port}/hellaswag_{{name}}.jsonl")
     yield served
     server.shutdown()
     server.server_close()
@@ -451,7 +451,7 @@ def test_auto_download_serves_the_train_and_unlabelled_test_splits_too(hellaswag
 def test_unreachable_download_fails_in_one_line_naming_the_cache_path(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(evaluation, "HELLASWAG_URL", "http://127.0.0.1:9/hellaswag_{name}.jsonl")  # discard port: refused
+    monkeypatch.setattr(hellaswag_data, "HELLASWAG_URL", "http://127.0.0.1:9/hellaswag_{name}.jsonl")  # discard port: refused
     with pytest.raises(UserError) as error:
         load_hellaswag("auto", cache_dir=tmp_path)
     assert "\n" not in str(error.value) and str(tmp_path / "hellaswag_val.jsonl") in str(error.value)
@@ -547,3 +547,26 @@ def test_cli_eval_of_a_hub_id_keeps_the_download_path_and_fails_offline_in_one_l
     result = cli("eval", "--model", "gpt2", "--hellaswag", str(data), env_updates={"HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "cannot download 'gpt2' from the Hugging Face Hub (HF_HUB_OFFLINE is set)" in result.stderr
+
+
+def test_a_rank_without_validation_batches_keeps_its_totals_on_its_device_and_makes_the_same_forwards(model):
+    windows = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(3))
+    batch = (windows[:, :-1], windows[:, 1:])
+    seen, calls = [], []
+
+    def all_reduce(tensor):  # records where the totals are, as NCCL needs them on the rank's GPU
+        seen.append(tensor.device)
+        return torch.tensor([7.0, 2.0], dtype=torch.float64)
+
+    def loss_fn(x, y):
+        calls.append(x.shape)
+        return model(x, y)[1]
+
+    blank = torch.zeros(2, 32, dtype=torch.long)
+    # 1 validation batch over 2 ranks: rank 1 has none, and must still make rank 0's one forward
+    loss = validation_loss(loss_fn, [], all_reduce=all_reduce, device=torch.device("meta"), forwards=1,
+                           blank=(blank, blank))
+    assert seen == [torch.device("meta")] and calls == [blank.shape] and loss == 3.5
+    calls.clear()
+    validation_loss(loss_fn, [batch], forwards=1, blank=(blank, blank))
+    assert calls == [batch[0].shape]  # a rank with its share makes no blank forward

@@ -27,30 +27,19 @@ from corpus import corpus
 from gpt2repro import checkpoint
 from gpt2repro.__main__ import main
 from gpt2repro.checkpoint import latest_checkpoint, load_checkpoint, scan_checkpoints, verify_checkpoint
-from gpt2repro.config import load_train_config
 from gpt2repro.data import TokenLoader, prepare, read_manifest, verify_in_background
 from gpt2repro.errors import UserError
 from gpt2repro.model import GPT
 from gpt2repro.train import EXIT_STOPPED_EARLY, Trainer, train
-from helpers import optimizer_for, write_checkpoint
+from helpers import SMALL, optimizer_for, shakespeare_data, small_config, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-# the settings of tests/test_train.py: a small model with the real tokenizer, fast on 2 CPU cores
-SMALL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "seq_len=32",
-         "micro_batch_size=4", "total_batch_size=512", "warmup_steps=2", "val_batches=4", "num_samples=1",
-         "sample_max_new_tokens=8", "seed=7"]
 QUIET = ["val_every=0", "sample_every=0"]  # training only: no evaluation or samples
-
-
-def small_config(*overrides: str):
-    return load_train_config("tiny", None, SMALL + list(overrides))
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "shakespeare"
-    return prepare([str(corpus("tinyshakespeare.txt"))], out, val_tokens=4096, shard_size=100_000,
-                   num_workers=1, progress=False)
+    return shakespeare_data(tmp_path_factory)
 
 
 def cli_env() -> dict:

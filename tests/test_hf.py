@@ -235,3 +235,12 @@ def test_hub_id_offline_fails_in_one_line(monkeypatch):
     with pytest.raises(UserError, match="cannot download 'no-such-user/no-such-gpt2'") as err:
         gpt_from_hf("no-such-user/no-such-gpt2")
     assert "\n" not in str(err.value)
+
+
+def test_a_directory_with_pickle_weights_only_is_refused_in_one_line(tmp_path):
+    hf = tiny_hf_model()
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")  # the old pickle format
+    with pytest.raises(UserError, match="has no .safetensors weights; gpt2repro loads no pickle-based files") as err:
+        gpt_from_hf(tmp_path)
+    assert "\n" not in str(err.value)

@@ -12,22 +12,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from corpus import corpus
 from gpt2repro import checkpoint
 from gpt2repro.__main__ import main
 from gpt2repro.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from gpt2repro.config import GPTConfig, load_train_config
-from gpt2repro.data import prepare
+from gpt2repro.config import GPTConfig
 from gpt2repro.errors import UserError
 from gpt2repro.model import GPT
 from gpt2repro.train import EXIT_STOPPED_EARLY, Trainer, get_lr, train
-from helpers import optimizer_for, write_checkpoint
+from helpers import SMALL, optimizer_for, shakespeare_data, small_config, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-# a small model with the real tokenizer: fast on 2 CPU cores, same code paths as the 124M recipe
-SMALL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "seq_len=32",
-         "micro_batch_size=4", "total_batch_size=512", "warmup_steps=2", "val_batches=4", "num_samples=1",
-         "sample_max_new_tokens=8", "seed=7"]
 
 
 def model_keys(config: GPTConfig) -> set[str]:
@@ -44,15 +38,9 @@ def assert_plain_safetensors(path: Path) -> None:
     assert 8 + header_length + max(ends, default=0) == len(raw), path.name
 
 
-def small_config(*overrides: str):
-    return load_train_config("tiny", None, SMALL + list(overrides))
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "shakespeare"
-    return prepare([str(corpus("tinyshakespeare.txt"))], out, val_tokens=4096, shard_size=100_000,
-                   num_workers=1, progress=False)
+    return shakespeare_data(tmp_path_factory)
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -478,3 +466,68 @@ def test_output_to_a_file_has_plain_lines_and_no_progress_bar_frames(data_dir, t
                      "--set", *SMALL, "max_steps=3", "val_every=0", "sample_every=0")
     assert "\r" not in result.stdout + result.stderr  # captured: neither is a terminal
     assert len(step_lines(result.stdout)) == 3
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi: records what would be uploaded; `fail` makes uploads fail."""
+
+    fail = False
+    uploads: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, repo_type, exist_ok):
+        assert repo_type == "model" and exist_ok
+
+    def upload_folder(self, repo_id, repo_type, folder_path, commit_message, run_as_future):
+        from concurrent.futures import Future
+
+        assert run_as_future  # training does not wait for the upload
+        future = Future()
+        if self.fail:
+            future.set_exception(ConnectionError("the Hub is unreachable"))
+        else:
+            card = (Path(folder_path) / "README.md").read_text()
+            FakeHfApi.uploads.append((repo_id, commit_message, sorted(p.name for p in Path(folder_path).iterdir()), card))
+            future.set_result(type("Commit", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})())
+        return future
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    FakeHfApi.uploads, FakeHfApi.fail = [], False
+    return FakeHfApi
+
+
+def test_push_to_hub_uploads_each_checkpoints_export_in_the_background_and_the_final_one_last(
+        data_dir, tmp_path, fake_hub):
+    train(small_config("max_steps=4", "checkpoint_every=2", "val_every=2", "sample_every=0",
+                       "push_to_hub=someone/tiny-gpt2", "hub_strategy=every_save"), data_dir, tmp_path / "run")
+    assert [(repo, message) for repo, message, _, _ in fake_hub.uploads] == [
+        ("someone/tiny-gpt2", "Upload GPT-2 model trained with gpt2repro (step_000002)"),
+        ("someone/tiny-gpt2", "Upload GPT-2 model trained with gpt2repro (step_000004)")]
+    files, card = fake_hub.uploads[-1][2], fake_hub.uploads[-1][3]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)  # the export directory
+    assert "val_loss" in card  # the final evaluation, after the last update, is in the last card
+
+
+def test_a_failed_upload_never_stops_training_and_a_missing_token_is_refused_before_it(
+        data_dir, tmp_path, fake_hub, monkeypatch, capsys):
+    import huggingface_hub
+
+    fake_hub.fail = True
+    trainer = train(small_config("max_steps=2", "val_every=0", "sample_every=0", "push_to_hub=someone/tiny-gpt2"),
+                    data_dir, tmp_path / "run")
+    assert trainer.finished and "the upload of step_000002 to someone/tiny-gpt2 failed" in capsys.readouterr().out
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert main(["train", "--preset", "tiny", "--data", str(data_dir), "--out", str(tmp_path / "other"),
+                 "--set", *SMALL, "push_to_hub=someone/tiny-gpt2"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "needs a Hugging Face token" in error
+    assert not (tmp_path / "other" / "log.jsonl").exists()

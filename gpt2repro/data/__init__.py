@@ -29,12 +29,12 @@ stay in file order: the classic loader, reading each shard in consecutive window
 
 Integrity: the loader checks every shard's presence, size, `.npy` header and recorded largest
 token when it is built, and every window's largest token when it is read (an id outside the
-vocabulary would otherwise crash the embedding on the GPU). Hashing every shard would read the
-whole data set (20 GB for 10B tokens) on every rank at every start, so the sha256 check runs on
-demand: `TokenLoader(..., verify=True)` or `gpt2repro prepare --out DIR --verify`, e.g. once after
-copying the data to a new machine, or in a background thread while training runs:
-`verify_in_background(DIR, "train")` returns a Future whose result raises on the first shard that
-differs (about 2 s per GB on one core). A manifest may name only plain file names inside DIR.
+vocabulary would otherwise crash the embedding on the GPU). Hashing every shard reads the whole data
+set (20 GB for 10B tokens), so it does not hold up the start: `train` runs
+`verify_in_background(DIR, "train")` once per machine, a thread whose Future raises on the first shard
+that differs (about 2 s per GB on one core), and waits for it before its first checkpoint.
+`gpt2repro prepare --out DIR --verify` checks a directory by hand, e.g. after copying it. A manifest
+may name only plain file names inside DIR.
 """
 
 from .loader import TokenLoader, validation_batches

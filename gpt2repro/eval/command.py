@@ -8,7 +8,8 @@ from ..data import validation_batches
 from ..errors import UserError
 from ..model import GPT
 from .device import autocast, inference_device
-from .hellaswag import REFERENCE_SCORES, evaluate_hellaswag, load_hellaswag
+from .hellaswag import REFERENCE_SCORES, evaluate_hellaswag
+from .hellaswag_data import load_hellaswag
 from .validation import perplexity, validation_loss
 
 

@@ -10,7 +10,8 @@ from accelerate.utils import gather_object
 
 from ..config import TrainConfig
 from ..data import validation_batches
-from ..eval.hellaswag import evaluate_hellaswag, load_hellaswag
+from ..eval.hellaswag import evaluate_hellaswag
+from ..eval.hellaswag_data import load_hellaswag
 from ..eval.validation import validation_loss
 from ..tokenizer import encode_prompt, get_encoding
 

@@ -85,6 +85,11 @@ class Trainer:
             )
         self.hooks = EvalHooks(cfg, data_dir, acc)
         self.policy = CheckpointPolicy(cfg)
+        self.hub = None
+        if cfg.push_to_hub and self.is_main and self.run is not None:  # refused now if it could never work
+            from ..hf.hub import BackgroundPush
+
+            self.hub = BackgroundPush(cfg.push_to_hub, self.run.path, logger.warning)
 
         self.step = 0  # completed optimizer steps
         self.tokens_seen = 0
@@ -334,7 +339,10 @@ class Trainer:
                     )
             stop = sigterm or self.policy.stop_after(steps_this_run)
             if save_due or stop:
-                progress.write(f"checkpoint: {self.save()}")
+                path = self.save()
+                progress.write(f"checkpoint: {path}")
+                if self.hub is not None and self.cfg.hub_strategy == "every_save" and self.step < cfg.max_steps:
+                    self.hub.push(path)
             if stop and self.step < cfg.max_steps:
                 why = "SIGTERM" if sigterm else f"stop_after_steps={cfg.stop_after_steps}"
                 progress.write(f"stopped after step {self.step} ({why}); rerun the same command to resume "
@@ -343,6 +351,10 @@ class Trainer:
                 break
         if not stopped and (steps_this_run or not self._final_evaluation_logged()):
             self._evaluate(progress, final=True)  # the weights the last checkpoint holds
+        if self.hub is not None:
+            if not stopped:
+                self.hub.push(latest_checkpoint(self.run.checkpoints))  # with the final evaluation in its card
+            self.hub.finish()
         progress.close()
         if cfg.log_with:
             acc.end_training()

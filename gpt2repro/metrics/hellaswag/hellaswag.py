@@ -1,6 +1,6 @@
 """HellaSwag accuracy, completion style, as an `evaluate` module.
 
-Load it with `evaluate.load(str(gpt2repro.eval.hellaswag.hellaswag_metric_path()))`. It is
+Load it with `evaluate.load(str(gpt2repro.eval.hellaswag_data.hellaswag_metric_path()))`. It is
 self-contained (the loader copies this file alone), so it imports nothing from gpt2repro.
 """
 
