@@ -163,9 +163,9 @@ def append_jsonl(path, record: dict) -> None:
         f.write((json.dumps(record) + "\n").encode())
 
 
-def offline(names: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) -> str | None:
-    """The name of the set variable among `names` that forbids network access, or None."""
-    for name in names:
+def offline() -> str | None:
+    """The name of the set variable (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) that forbids downloads, or None."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
             return name
     return None

@@ -15,7 +15,7 @@ import torch
 
 from corpus import corpus, is_fixture
 from gpt2repro.config import EOT_TOKEN
-from gpt2repro.data import TokenLoader, prepare, read_manifest, validation_batches, verify_data_dir
+from gpt2repro.data import TokenLoader, describe_data_dir, prepare, read_manifest, validation_batches, verify_data_dir
 from gpt2repro.data import preparation, sources
 from gpt2repro.data.manifest import FORMAT, TOKENIZER, save_shard, shard_entry, write_manifest
 from gpt2repro.errors import UserError
@@ -574,3 +574,12 @@ def test_train_refuses_unusable_data_in_one_line_before_writing(synthetic_dir, t
     if "val" in fragment:
         assert "too small for one 8 x 128 batch (1,025 tokens)" in error and "--val-tokens" in error
     assert not run.exists()
+
+
+def test_the_summary_counts_documents_and_shards_in_words_that_add_up(tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_text(SHAKESPEARE.read_text()[:20000])  # one document, cut by the val/train boundary
+    out = prepare([str(text)], tmp_path / "data", val_tokens=1000, num_workers=1, progress=False)
+    summary = describe_data_dir(out)
+    assert "val: 1,000 tokens, 1 document, 1 shard;" in summary, summary
+    assert "0 documents and the end of one begun in val, 1 shard" in summary, summary

@@ -244,3 +244,19 @@ def test_a_directory_with_pickle_weights_only_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="has no .safetensors weights; gpt2repro loads no pickle-based files") as err:
         gpt_from_hf(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_an_export_generates_in_a_pipeline_without_any_warning(export_dir, caplog, recwarn):
+    import logging
+
+    import transformers
+
+    transformers.logging.enable_propagation()  # its warnings reach pytest's log capture
+    try:
+        with caplog.at_level(logging.WARNING):
+            generator = pipeline("text-generation", model=str(export_dir), device="cpu")
+            generator("Hello, I'm a language model,", max_new_tokens=4, do_sample=True, top_k=50)
+    finally:
+        transformers.logging.disable_propagation()
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("transformers")]
+    assert not logged and not [str(w.message) for w in recwarn], (transformers.__version__, logged)

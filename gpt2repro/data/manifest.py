@@ -205,6 +205,10 @@ def describe_data_dir(data_dir) -> str:
     parts = []
     for split in SPLITS:
         entries = [e for e in manifest["shards"] if e["split"] == split]
-        parts.append(f"{split}: {sum(e['tokens'] for e in entries):,} tokens, "
-                     f"{sum(e['documents'] for e in entries):,} documents, {len(entries)} shard{'s' * (len(entries) != 1)}")
+        documents = sum(e["documents"] for e in entries)  # the documents that start in this split
+        text = f"{documents:,} document{'s' * (documents != 1)}"
+        if entries and np.load(Path(data_dir) / entries[0]["file"], mmap_mode="r")[:1].tolist() != [EOT_TOKEN]:
+            text += f" and the end of one begun in {SPLITS[SPLITS.index(split) - 1]}"  # the boundary cut a document
+        parts.append(f"{split}: {sum(e['tokens'] for e in entries):,} tokens, {text}, "
+                     f"{len(entries)} shard{'s' * (len(entries) != 1)}")
     return f"{data_dir}: " + "; ".join(parts)

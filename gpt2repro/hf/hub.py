@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError, first_line
-from .. import io
 from ..io import is_hub_id
 from .export import HF_FILES, export_checkpoint
 
@@ -16,9 +15,6 @@ def hub_token(repo_id: str) -> str:
     """The Hugging Face token for pushing to repo_id, or a one-line UserError saying why there is none."""
     import huggingface_hub
 
-    offline = io.offline(("HF_HUB_OFFLINE",))
-    if offline:
-        raise UserError(f"cannot push to {repo_id}: {offline} is set")
     token = huggingface_hub.get_token()
     if token is None:
         raise UserError(f"pushing to {repo_id} needs a Hugging Face token: log in with `hf auth login` or set HF_TOKEN")
