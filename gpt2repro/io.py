@@ -53,7 +53,7 @@ def atomic_file(path, mode: str = "wb", **open_kwargs):
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if _is_disk_full(e):
             raise _disk_full(path, e) from None
         raise
     fsync_dir(path.parent)

@@ -310,7 +310,7 @@ class Trainer:
 
     def _loop(self, progress: Progress) -> bool:
         cfg, acc = self.cfg, self.accelerator
-        steps_this_run, stopped = 0, False
+        steps_this_run, stopped, saved = 0, False, None
         progress.restart_timer()
         while self.step < cfg.max_steps:
             if self._evaluate(progress):
@@ -339,10 +339,10 @@ class Trainer:
                     )
             stop = sigterm or self.policy.stop_after(steps_this_run)
             if save_due or stop:
-                path = self.save()
-                progress.write(f"checkpoint: {path}")
+                saved = self.save()
+                progress.write(f"checkpoint: {saved}")
                 if self.hub is not None and self.cfg.hub_strategy == "every_save" and self.step < cfg.max_steps:
-                    self.hub.push(path)
+                    self.hub.push(saved)
             if stop and self.step < cfg.max_steps:
                 why = "SIGTERM" if sigterm else f"stop_after_steps={cfg.stop_after_steps}"
                 progress.write(f"stopped after step {self.step} ({why}); rerun the same command to resume "
@@ -353,7 +353,8 @@ class Trainer:
             self._evaluate(progress, final=True)  # the weights the last checkpoint holds
         if self.hub is not None:
             if not stopped:
-                self.hub.push(latest_checkpoint(self.run.checkpoints))  # with the final evaluation in its card
+                # the checkpoint just written (a rerun of a finished run: the newest), with the final evaluation in its card
+                self.hub.push(saved or latest_checkpoint(self.run.checkpoints))
             self.hub.finish()
         progress.close()
         if cfg.log_with:
