@@ -62,6 +62,8 @@ class TrainConfig:
     """A training recipe. Batch sizes are counted in tokens where they are global."""
 
     model: GPTConfig = field(default_factory=GPTConfig)  # or a MODEL_PRESETS name in YAML / --set
+    init_from: str = "scratch"  # starting weights: "scratch", a Hub id or directory of a GPT-2 (e.g. gpt2), or our
+    #                             checkpoint, run or export; its shape replaces `model` (train/init_from.py)
 
     # batch: total_batch_size = micro_batch_size * seq_len * world_size * grad_accum_steps
     total_batch_size: int = 524288  # tokens per optimizer step over all processes (2**19, ~0.5M as in GPT-3 Small)
@@ -172,6 +174,8 @@ class TrainConfig:
             problems.append(f"compile_scope must be 'model' or 'block', got {self.compile_scope!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             problems.append(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if not self.init_from.strip():
+            problems.append("init_from must be 'scratch', a Hub model id or a directory")
         if self.push_to_hub is not None and not is_hub_id(self.push_to_hub, owner_required=True):
             problems.append(f"push_to_hub must look like USER/NAME, got {self.push_to_hub!r}")
         if self.hub_strategy not in ("end", "every_save"):

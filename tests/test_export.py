@@ -138,7 +138,7 @@ def test_export_names_hub_training_data_as_datasets_and_local_data_by_its_files(
     local = write_manifest(tmp_path / "books", [str(tmp_path / "corpus" / "books.jsonl")])
     card = (export_checkpoint(run_dir, tmp_path / "b", data_dir=local, base_model="gpt2") / "README.md").read_text()
     meta = front_matter(card)
-    assert "datasets" not in meta and meta["base_model"] == "gpt2" and "fine-tuned from [gpt2]" in card
+    assert "datasets" not in meta and meta["base_model"] == "gpt2" and "trained further from [gpt2]" in card
     assert model_index(card) == {("local data (books.jsonl)", "loss"): pytest.approx(8.0)}
 
 

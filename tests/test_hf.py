@@ -90,6 +90,17 @@ def test_our_model_round_trips_through_hf_with_identical_logits():
     assert max_abs_diff(ours_logits, hf_logits) < 1e-5
 
 
+def test_our_loss_on_a_padded_vocabulary_equals_transformers_loss_of_the_export():
+    ours = tiny_gpt(seed=3)
+    hf = gpt_to_hf(ours)
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(2))
+    targets = torch.cat([idx[:, 1:], torch.full((2, 1), -1)], dim=1)
+    with torch.no_grad():
+        expected = hf(idx, labels=idx).loss  # transformers shifts the labels itself
+        _, chunked = ours(idx, targets)
+    assert abs(chunked.item() - expected.item()) < 1e-5 * expected.item()
+
+
 @pytest.fixture(scope="module")
 def model() -> GPT:
     return tiny_gpt(seed=2)
@@ -165,7 +176,7 @@ def test_model_card_round_trips_through_huggingface_hub_with_training_facts(mode
     assert results == {("HuggingFaceFW/fineweb-edu", "loss"): 3.08, ("Rowan/hellaswag", "acc_norm_tokens"): 0.305,
                        ("Rowan/hellaswag", "acc_norm"): 0.312}
     for row in ("| tokens trained | 10,000,000,000 |", "| hardware | 8 x NVIDIA H200 |", "| processes (world size) | 8 |",
-                "| val_loss | 3.0800 | 19,073 |", "max_steps: 19073", "fine-tuned from [openai-community/gpt2]"):
+                "| val_loss | 3.0800 | 19,073 |", "max_steps: 19073", "trained further from [openai-community/gpt2]"):
         assert row in card.text, row
 
 

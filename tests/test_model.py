@@ -105,11 +105,17 @@ def test_model_training_loss_and_gradients_equal_those_through_full_logits():
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     logits, _ = model(idx)
-    plain = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+    # the softmax spans GPT-2's 50,257 tokens only, as the exported model's does
+    plain = F.cross_entropy(logits.view(-1, logits.size(-1))[:, :50257], targets.view(-1), ignore_index=-1)
     plain.backward()
     torch.testing.assert_close(loss, plain, rtol=1e-12, atol=0)
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-13, msg=name)
+    assert grads["transformer.wte.weight"][50257:].abs().max() == 0  # the padded rows (tied: embedding and output) get nothing
+    assert grads["transformer.wte.weight"][:50257].abs().max() > 0
+    unchunked = GPT(TINY, loss_chunk_rows=0).to(torch.float64)
+    unchunked.load_state_dict(model.state_dict())
+    torch.testing.assert_close(unchunked(idx, targets)[1].double(), plain, rtol=1e-6, atol=0)  # same softmax, in fp32
 
 
 def test_compiled_training_loss_is_one_graph_with_the_eager_loss_and_gradients():

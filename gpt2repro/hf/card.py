@@ -123,7 +123,13 @@ def model_card(
     )
 
     c = model.config
-    origin = f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})" if base_model else "trained from scratch"
+    init_from = (train_config or {}).get("init_from") or "scratch"
+    if base_model:
+        origin = f"trained further from [{base_model}](https://huggingface.co/{base_model})"
+    elif init_from != "scratch":
+        origin = f"trained further from the weights of `{PurePath(init_from).name}`"
+    else:
+        origin = "trained from scratch"
     config = (data or {}).get("name") if datasets else None
     on_data = f" on {', '.join(datasets)}{f' ({config})' if config else ''}" if datasets else ""
     lines = [

@@ -107,7 +107,8 @@ def export_checkpoint(checkpoint_or_run, out_dir, *, data_dir=None, base_model: 
                       hardware: str | None = None, model_name: str | None = None) -> Path:
     """Write save_hf's directory for a checkpoint (or a run's newest). Its card carries the run's
     validation loss and HellaSwag scores logged up to the checkpoint's step, each with its step, and
-    from trainer_state.json the tokens trained, world size, hardware (where recorded) and config.
+    from trainer_state.json the tokens trained, world size, hardware (where recorded), base model (a
+    run started from Hub weights with init_from) and config.
 
     The card is named after the run directory (a bare checkpoint: its directory, unless that is
     step_NNNNNN; then out_dir). The training data is described by trainer_state.json's "data" (the
@@ -132,6 +133,7 @@ def export_checkpoint(checkpoint_or_run, out_dir, *, data_dir=None, base_model: 
         if not manifest.is_file():
             raise UserError(f"{data_dir} is not a prepared data directory: {manifest} does not exist")
         data = _read_json(manifest).get("source")
+    base_model = base_model or (state.get("base_model") if isinstance(state.get("base_model"), str) else None)
     return save_hf(model, out_dir, train_config=state.get("config"), metrics=metrics or None,
                    model_name=model_name or name, base_model=base_model, hardware=hardware,
                    metric_steps=metric_steps, training=training, data=data)

@@ -172,14 +172,16 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
+        # the softmax spans GPT-2's 50,257 tokens: padded vocabulary rows are never predicted, as in the export
+        classes = min(self.config.vocab_size, GPT2_VOCAB_SIZE)
         if targets is not None and not return_logits and self.loss_chunk_rows:
             # chunk by chunk, never holding the (B*T, V) logits or their gradient (loss.py)
             return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                              ignore_index=-1, chunk_rows=self.loss_chunk_rows)
+                                              ignore_index=-1, chunk_rows=self.loss_chunk_rows, classes=classes)
         logits = self.lm_head(x)  # (B, T, V) in the autocast dtype
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(B * T, -1)[:, :classes].float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:

@@ -35,18 +35,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 if triton is not None:
 
     @triton.jit
-    def _softmax_xent_kernel(logits_ptr, targets_ptr, loss_ptr, scale_ptr, stride, V, ignore_index,
+    def _softmax_xent_kernel(logits_ptr, targets_ptr, loss_ptr, scale_ptr, stride, V, classes, ignore_index,
                              WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: its loss, and (WRITE_GRAD) scale * (softmax - onehot) written over its logits."""
+        """One row: its loss over the first `classes` of its V logits, and (WRITE_GRAD) scale * (softmax -
+        onehot) written over its logits (0 in the columns past `classes`)."""
         row = tl.program_id(0).to(tl.int64)
         ptr = logits_ptr + row * stride
         target = tl.load(targets_ptr + row)
         valid = target != ignore_index
         m = -float("inf")
         s = 0.0
-        for start in range(0, V, BLOCK):  # online max and sum of exponentials
+        for start in range(0, classes, BLOCK):  # online max and sum of exponentials
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+            x = tl.load(ptr + cols, mask=cols < classes, other=-float("inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
             m = m_new
@@ -58,27 +59,29 @@ if triton is not None:
             scale = tl.where(valid, tl.load(scale_ptr), 0.0)
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                x = tl.load(ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+                x = tl.load(ptr + cols, mask=cols < classes, other=-float("inf")).to(tl.float32)
                 p = tl.exp(x - lse)
                 grad = tl.where(cols == safe, p - 1.0, p) * scale
                 tl.store(ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
 def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad_scale: torch.Tensor | None,
-                  block: int = XENT_BLOCK, warps: int = XENT_WARPS) -> torch.Tensor:
-    """The summed loss of these rows of logits; given `grad_scale` (1 / counted rows, a 0-d tensor),
-    the logits are overwritten by d(mean loss)/d(logits). On CUDA one Triton kernel does it, `block`
-    columns per iteration with `warps` warps per row."""
+                  classes: int | None = None, block: int = XENT_BLOCK, warps: int = XENT_WARPS) -> torch.Tensor:
+    """The summed loss of these rows of logits, the softmax taken over their first `classes` columns
+    (all by default; the others are padding that is never a target); given `grad_scale` (1 / counted
+    rows, a 0-d tensor), the logits are overwritten by d(mean loss)/d(logits). On CUDA one Triton
+    kernel does it, `block` columns per iteration with `warps` warps per row."""
+    classes = logits.size(1) if classes is None else classes
     accumulate = torch.promote_types(logits.dtype, torch.float32)
     if triton is not None and logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float16, torch.float32):
         losses = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
         scale = grad_scale if grad_scale is not None else losses  # unread without WRITE_GRAD
         _softmax_xent_kernel[(logits.size(0),)](
-            logits, targets, losses, scale, logits.stride(0), logits.size(1), ignore_index,
+            logits, targets, losses, scale, logits.stride(0), logits.size(1), classes, ignore_index,
             WRITE_GRAD=grad_scale is not None, BLOCK=block, num_warps=warps,
         )
         return losses.sum(dtype=accumulate)
-    full = logits.to(accumulate)
+    full = logits[:, :classes].to(accumulate)
     lse = torch.logsumexp(full, dim=1)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0)
@@ -86,7 +89,8 @@ def softmax_xent_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if grad_scale is not None:
         grad = torch.exp(full - lse.unsqueeze(1))
         grad[torch.arange(grad.size(0), device=grad.device), safe] -= 1.0
-        logits.copy_(grad * (valid.to(accumulate) * grad_scale).unsqueeze(1))
+        logits[:, :classes].copy_(grad * (valid.to(accumulate) * grad_scale).unsqueeze(1))
+        logits[:, classes:].zero_()
     return loss_sum
 
 
@@ -102,9 +106,10 @@ def _add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 @torch.library.custom_op("gpt2repro::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                          chunk_rows: int, with_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean loss, d loss/dx, d loss/dweight), x and weight in the compute dtype; no gradients
-    (empty tensors) without `with_grads`. d loss/dweight is in fp32 (fp64 for fp64 inputs)."""
+                          classes: int, chunk_rows: int, with_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, d loss/dx, d loss/dweight), x and weight in the compute dtype, the softmax over the
+    first `classes` rows of weight; no gradients (empty tensors) without `with_grads`. d loss/dweight is
+    in fp32 (fp64 for fp64 inputs)."""
     accumulate = torch.promote_types(x.dtype, torch.float32)
     rows = (targets != ignore_index).sum().to(accumulate)
     grad_scale = 1.0 / rows if with_grads else None
@@ -114,7 +119,7 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
     for start in range(0, x.size(0), chunk_rows):
         xc = x[start : start + chunk_rows]
         logits = xc @ weight.t()
-        loss_sum += softmax_xent_(logits, targets[start : start + chunk_rows], ignore_index, grad_scale)
+        loss_sum += softmax_xent_(logits, targets[start : start + chunk_rows], ignore_index, grad_scale, classes)
         if with_grads:  # logits now hold their gradient
             torch.mm(logits, weight, out=grad_x[start : start + chunk_rows])
             _add_matmul_(grad_w, logits.t(), xc)
@@ -123,7 +128,7 @@ def _linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
 
 
 @_linear_cross_entropy.register_fake
-def _(x, weight, targets, ignore_index, chunk_rows, with_grads):
+def _(x, weight, targets, ignore_index, classes, chunk_rows, with_grads):
     accumulate = torch.promote_types(x.dtype, torch.float32)
     return (
         x.new_empty((), dtype=accumulate),
@@ -134,28 +139,34 @@ def _(x, weight, targets, ignore_index, chunk_rows, with_grads):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, ignore_index, chunk_rows, dtype):
-        loss, grad_x, grad_w = _linear_cross_entropy(x.to(dtype), weight.to(dtype), targets, ignore_index, chunk_rows, True)
+    def forward(ctx, x, weight, targets, ignore_index, classes, chunk_rows, dtype):
+        loss, grad_x, grad_w = _linear_cross_entropy(x.to(dtype), weight.to(dtype), targets, ignore_index, classes,
+                                                     chunk_rows, True)
         ctx.save_for_backward(grad_x.to(x.dtype), grad_w.to(weight.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None, None, None
 
 
 def linear_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1, chunk_rows: int | None = None
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1, chunk_rows: int | None = None,
+    classes: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of `x @ weight.T` (x (N, C), weight (V, C)) against targets (N,), ignoring `ignore_index`.
+    The softmax runs over the first `classes` of the V outputs (all by default): rows of weight past
+    them are padding, which gets no gradient from the loss.
 
     Under autocast the matmuls run in the autocast dtype and the softmax in fp32, as the plain
     path does; gradients reach `x` and `weight` in their own dtypes.
     """
     chunk_rows = chunk_rows or CHUNK_ROWS
+    classes = weight.size(0) if classes is None else classes
     dtype = _compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, chunk_rows, dtype)
-        return _linear_cross_entropy(x.to(dtype), weight.to(dtype), targets, ignore_index, chunk_rows, False)[0]
+            return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, classes, chunk_rows, dtype)
+        return _linear_cross_entropy(x.to(dtype), weight.to(dtype), targets, ignore_index, classes, chunk_rows,
+                                     False)[0]

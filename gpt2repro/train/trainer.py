@@ -37,6 +37,7 @@ from ..model.attention import precompile as precompile_attention
 from ..run_dir import RunDir
 from . import state as training_state
 from .hooks import EvalHooks
+from .init_from import start_from
 from .launch import is_fsdp, make_accelerator, use_cpu, world_size
 from .metrics import Progress, flat, format_duration
 from .optim import build_optimizer, get_lr
@@ -67,6 +68,11 @@ class Trainer:
         self.rank, self.world_size, self.device = acc.process_index, acc.num_processes, acc.device
         self.is_main = acc.is_main_process
         self.sharded = is_fsdp(acc)
+        checkpoint = resume_point(self.run.checkpoints) if self.run is not None else None
+        self.resumed_from = checkpoint
+        # init_from: the source's model shape (every process reads it; Hub downloads share one cache safely)
+        self.cfg, start_weights, self.base_model = start_from(cfg, checkpoint)
+        cfg = self.cfg
         if acc.mixed_precision == "bf16" and cfg.attention == "auto":
             # flash-attn-4 (if installed) compiles its attention backward while the model is built and compiled
             precompile_attention(self.device, cfg.model.n_head, cfg.model.n_embd, cfg.seq_len)
@@ -94,8 +100,6 @@ class Trainer:
         self.step = 0  # completed optimizer steps
         self.tokens_seen = 0
         self.skipped_steps = 0
-        checkpoint = resume_point(self.run.checkpoints) if self.run is not None else None
-        self.resumed_from = checkpoint
 
         # the same seed on every process: identical initial weights without a broadcast
         torch.manual_seed(cfg.seed)
@@ -104,6 +108,8 @@ class Trainer:
         saved = load_checkpoint(checkpoint, cfg.model) if checkpoint is not None else None
         if saved is not None:
             model.load_weights(saved["model"], source=f"checkpoint {checkpoint}")  # before any sharding
+        elif start_weights is not None:
+            model.load_weights(start_weights, source=f"init_from {cfg.init_from}")
         model.to(self.device)
         optimizer, self.param_names = build_optimizer(
             model.named_parameters(), cfg.weight_decay, cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -149,6 +155,7 @@ class Trainer:
                 "world_size": self.world_size,
                 "hardware": self._hardware(),
                 "data": self.data_source,
+                "base_model": self.base_model,
                 "loader": self.loader.state_dict() if self.loader is not None else None,
                 "rng": rng,
                 "config": self.cfg.to_dict(),
@@ -173,6 +180,7 @@ class Trainer:
         trainer = state["trainer"]
         self.step, self.tokens_seen = trainer["step"], trainer["tokens_seen"]
         self.skipped_steps = trainer.get("skipped_steps", 0)
+        self.base_model = trainer.get("base_model")
         if self.loader is not None and trainer.get("loader") is not None:
             self.loader.load_state_dict(trainer["loader"])
         if len(trainer["rng"]) == self.world_size:
@@ -291,6 +299,8 @@ class Trainer:
         logger.info("attention: %s", attention_backend(self.device, acc.mixed_precision, cfg.attention))
         if self.resumed_from:
             logger.info("resumed from %s at step %d", self.resumed_from, self.step)
+        elif cfg.init_from != "scratch":
+            logger.info("weights from %s (init_from); step, optimizer state and data order start fresh", cfg.init_from)
 
     def fit(self) -> bool:
         """Train to max_steps or to a requested stop; True if max_steps was reached."""
