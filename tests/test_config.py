@@ -24,11 +24,15 @@ def test_gpt2_124m_preset_is_the_reference_recipe():
     assert gpt3.total_batch_size == cfg.total_batch_size
 
 
-def test_tiny_preset_batch_divides_over_one_two_and_four_processes():
-    cfg = load_train_config("tiny")
-    assert [cfg.grad_accum_steps(w) for w in (1, 2, 4)] == [4, 2, 1]
-    assert 2 <= cfg.model.n_layer <= 4 and cfg.model.n_embd <= 256 and 64 <= cfg.seq_len <= 128
-    assert not cfg.compile  # a few CPU minutes must not go to compilation
+def test_quickstart_presets_fit_their_data_and_compile_only_on_a_gpu():
+    tiny, small = load_train_config("tiny"), load_train_config("small")
+    assert tiny.grad_accum_steps(1) == small.grad_accum_steps(1) == 1  # many small steps
+    assert 2 <= tiny.model.n_layer <= 4 and tiny.model.n_embd <= 256 and 64 <= tiny.seq_len <= 128
+    assert not tiny.compile and small.compile  # a few CPU minutes must not go to compilation
+    assert small.model.n_layer * small.model.n_embd > 4 * tiny.model.n_layer * tiny.model.n_embd
+    quickstart_val_tokens = 32768  # scripts/quickstart.sh
+    for cfg in (tiny, small):
+        assert cfg.val_batches * cfg.micro_batch_size * (cfg.seq_len + 1) <= quickstart_val_tokens
 
 
 def test_get_lr_follows_warmup_then_cosine_then_floor():
