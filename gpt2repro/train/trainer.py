@@ -300,7 +300,8 @@ class Trainer:
         if self.resumed_from:
             logger.info("resumed from %s at step %d", self.resumed_from, self.step)
         elif cfg.init_from != "scratch":
-            logger.info("weights from %s (init_from); step, optimizer state and data order start fresh", cfg.init_from)
+            logger.info("weights from %s (init_from), whose shape is the model's; step, optimizer state and data order "
+                        "start fresh", cfg.init_from)
 
     def fit(self) -> bool:
         """Train to max_steps or to a requested stop; True if max_steps was reached."""
