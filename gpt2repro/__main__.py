@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import TRAIN_PRESETS, describe_keys, describe_presets
+from .config import describe_keys
+from .presets import TRAIN_PRESETS, describe_presets
 from .errors import UserError
 
 
@@ -30,7 +31,7 @@ def _cmd_prepare(args) -> None:
 
 
 def _cmd_train(args) -> int:
-    from .config import load_train_config
+    from .presets import load_train_config
     from .train import EXIT_STOPPED_EARLY, train
 
     cfg = load_train_config(args.preset, args.config, [item for group in args.set for item in group])

@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from .config import MODEL_PRESETS, TRAIN_PRESETS, TrainConfig, apply_overrides, parse_set
+from .config import MODEL_PRESETS, TrainConfig, apply_overrides, parse_set
+from .presets import TRAIN_PRESETS
 from .errors import UserError
 from .eval.device import autocast
 from .model.attention import backend as attention_backend

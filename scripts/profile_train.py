@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from gpt2repro.config import TRAIN_PRESETS
+from gpt2repro.presets import TRAIN_PRESETS
 from gpt2repro.train import Trainer
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -11,7 +11,7 @@ import torch
 
 from torch.distributed.tensor import DTensor
 
-from gpt2repro.config import load_train_config
+from gpt2repro.presets import load_train_config
 from gpt2repro.train import Trainer
 
 data, run, out, *settings = sys.argv[1:]

@@ -71,7 +71,7 @@ def test_no_import_cycle_counting_imports_inside_functions():
 
 def test_the_core_never_imports_train_eval_or_hf():
     graph = internal_graph()
-    core = ("errors", "io", "config", "tokenizer", "model", "data", "run_dir")
+    core = ("errors", "io", "config", "presets", "tokenizer", "model", "data", "run_dir")
     def layer(module: str) -> str:
         return (module.split(".") + [""])[1]
 
