@@ -11,8 +11,8 @@ import argparse
 import sys
 
 from .config import describe_keys
-from .presets import TRAIN_PRESETS, describe_presets
 from .errors import UserError
+from .presets import TRAIN_PRESETS, describe_presets
 
 
 def _cmd_prepare(args) -> None:

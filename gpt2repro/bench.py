@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 
 from .config import MODEL_PRESETS, TrainConfig, apply_overrides, parse_set
-from .presets import TRAIN_PRESETS
 from .errors import UserError
 from .eval.device import autocast
 from .model.attention import backend as attention_backend
+from .presets import TRAIN_PRESETS
 from .train import Trainer, build_optimizer
 from .train.launch import resolve_mixed_precision
 from .train.metrics import MFU_FORMULA, mfu, peak_flops

@@ -2,8 +2,8 @@
 
 from corpus import corpus
 from gpt2repro.checkpoint import save_checkpoint, save_model_dir
-from gpt2repro.presets import load_train_config
 from gpt2repro.data import prepare
+from gpt2repro.presets import load_train_config
 from gpt2repro.train import build_optimizer
 
 

@@ -6,8 +6,8 @@ import torch
 
 from gpt2repro.__main__ import main
 from gpt2repro.config import MODEL_PRESETS, GPTConfig, TrainConfig
-from gpt2repro.presets import TRAIN_PRESETS, load_train_config
 from gpt2repro.errors import UserError
+from gpt2repro.presets import TRAIN_PRESETS, load_train_config
 from gpt2repro.train import get_lr
 
 

@@ -12,8 +12,8 @@ import torch
 
 from corpus import corpus
 from gpt2repro.checkpoint import load_model
-from gpt2repro.presets import load_train_config
 from gpt2repro.data import prepare
+from gpt2repro.presets import load_train_config
 from gpt2repro.train import EXIT_STOPPED_EARLY, Trainer
 
 REPO = Path(__file__).resolve().parents[1]

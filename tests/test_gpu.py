@@ -12,9 +12,9 @@ import torch
 from corpus import corpus
 from gpt2repro import GPT, GPTConfig
 from gpt2repro.checkpoint import list_checkpoints
-from gpt2repro.presets import load_train_config
 from gpt2repro.data import TokenLoader, prepare
 from gpt2repro.hf.convert import gpt_to_hf
+from gpt2repro.presets import load_train_config
 from gpt2repro.train import Trainer, train
 
 pytestmark = pytest.mark.gpu
