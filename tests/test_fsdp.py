@@ -114,6 +114,18 @@ def test_fsdp_parameters_are_dtensors_and_resumed_optimizer_state_is_on_live_par
         assert report["matmul_dtype"] == "torch.bfloat16", report  # autocast reaches the sharded model
 
 
+def test_init_from_under_fsdp_starts_where_its_source_ended_and_trains_like_one_process(runs, tmp_path):
+    source = runs["root"] / "one"
+    start = (f"init_from={source}", "max_steps=2", "val_every=2", "sample_every=0", "checkpoint_every=2")
+    sharded = train_cli(runs["data"], tmp_path / "fsdp", *start, fsdp_port=29583)
+    train_cli(runs["data"], tmp_path / "one", *start)
+    assert "distributed: FSDP" in sharded.stdout and "(init_from)" in sharded.stdout
+    final = records(source, "val_loss")[6]
+    assert abs(records(tmp_path / "fsdp", "val_loss")[0] - final) <= 1e-6 * final  # the source's weights, sharded
+    assert_close(records(tmp_path / "one", "train_loss"), records(tmp_path / "fsdp", "train_loss"))
+    assert_close(records(tmp_path / "one", "val_loss"), records(tmp_path / "fsdp", "val_loss"))
+
+
 def test_fsdp_without_a_launcher_or_with_fsdp1_is_refused_in_one_line(tmp_path):
     for variables, fragment in (({"FSDP_VERSION": "2"}, "needs a process group"),
                                 ({"FSDP_VERSION": "1"}, "only FSDP2 is supported")):
