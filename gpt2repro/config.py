@@ -35,6 +35,11 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def real_vocab_size(self) -> int:
+        """The tokens the model predicts: GPT-2's 50,257, never the rows padded on for speed."""
+        return min(self.vocab_size, GPT2_VOCAB_SIZE)
+
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 * (matmul parameters) + 6 * n_layer * n_embd * seq_len.
 

@@ -13,7 +13,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .. import io
-from ..config import EOT_TOKEN, GPT2_VOCAB_SIZE, GPTConfig
+from ..config import EOT_TOKEN, GPTConfig
 from ..errors import UserError, first_line
 from ..model import GPT
 
@@ -52,7 +52,7 @@ def config_from_hf(hf_config) -> GPTConfig:
 def config_to_hf(config: GPTConfig) -> GPT2Config:
     """The equivalent `transformers.GPT2Config`, with the vocabulary cropped to GPT-2's 50,257."""
     return GPT2Config(
-        vocab_size=min(config.vocab_size, GPT2_VOCAB_SIZE),
+        vocab_size=config.real_vocab_size,
         n_positions=config.block_size,
         n_embd=config.n_embd,
         n_layer=config.n_layer,

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..config import GPT2_VOCAB_SIZE, GPTConfig
+from ..config import GPTConfig
 from ..errors import UserError
 from .attention import causal_attention, split_heads
 from .loss import CHUNK_ROWS, linear_cross_entropy
@@ -173,7 +173,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         # the softmax spans GPT-2's 50,257 tokens: padded vocabulary rows are never predicted, as in the export
-        classes = min(self.config.vocab_size, GPT2_VOCAB_SIZE)
+        classes = self.config.real_vocab_size
         if targets is not None and not return_logits and self.loss_chunk_rows:
             # chunk by chunk, never holding the (B*T, V) logits or their gradient (loss.py)
             return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
@@ -237,8 +237,7 @@ class GPT(nn.Module):
                 step_input = out[:, -block_size:]
             logits, _ = self(step_input, kv_cache=cache)
             logits = logits[:, -1, :].float() / max(temperature, 1e-8)  # (B, V)
-            if self.config.vocab_size > GPT2_VOCAB_SIZE:
-                logits[:, GPT2_VOCAB_SIZE:] = -math.inf
+            logits[:, self.config.real_vocab_size:] = -math.inf  # padded vocabulary entries
             if top_k is not None and top_k > 0:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
                 logits = logits.masked_fill(logits < kth, -math.inf)
