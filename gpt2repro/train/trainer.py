@@ -61,7 +61,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data_dir: str | Path | None, run_dir: str | Path | None):
         """data_dir=None and run_dir=None give a trainer without data or disk state, whose step can be fed
         batches directly (`accumulate_gradients` + `apply_update`), as the benchmark and tests do."""
-        self.cfg = cfg
         self.run = RunDir(run_dir) if run_dir is not None else None
         self.grad_accum_steps = cfg.grad_accum_steps(world_size())  # refuses batch sizes that do not divide
         self.accelerator = acc = make_accelerator(cfg, self.grad_accum_steps, self.run.path if self.run else None)
@@ -71,8 +70,8 @@ class Trainer:
         checkpoint = resume_point(self.run.checkpoints) if self.run is not None else None
         self.resumed_from = checkpoint
         # init_from: the source's model shape (every process reads it; Hub downloads share one cache safely)
-        self.cfg, start_weights, self.base_model = start_from(cfg, checkpoint)
-        cfg = self.cfg
+        cfg, start_weights, self.base_model = start_from(cfg, checkpoint)
+        self.cfg = cfg
         if acc.mixed_precision == "bf16" and cfg.attention == "auto":
             # flash-attn-4 (if installed) compiles its attention backward while the model is built and compiled
             precompile_attention(self.device, cfg.model.n_head, cfg.model.n_embd, cfg.seq_len)
