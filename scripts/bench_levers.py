@@ -8,7 +8,11 @@ plain-loss: the loss through the full (B*T, V) logits (loss_chunk_rows=0), as be
 chunk-N: the chunked loss with N rows per chunk (loss_chunk_rows=N; the default is 8192).
 sdpa: scaled_dot_product_attention even where flash-attn-4's kernels are installed (attention=sdpa).
 save-gelu: the MLP keeps its GELU output for backward instead of recomputing it there (recompute_gelu=false).
-model-compile: one graph for the whole model (compile_scope=model; the default compiles one Block graph).
+model-compile: one graph for the whole model (compile_scope=model; the default compiles one Block graph,
+    the embedding and the loss head).
+blocks-only: the Block graph alone, the embedding and the loss head left eager (the default before).
+fp32-residual: the residual stream in fp32 under bf16 autocast (bf16_residual=false; the default keeps it in
+    bf16, as llm.c does).
 checkpointing: every Block recomputed in backward (activation_checkpointing=true).
 Levers of PyTorch's own settings:
 flash / cudnn: scaled_dot_product_attention limited to FlashAttention-2 / cuDNN attention.
@@ -19,6 +23,8 @@ autotune: inductor's GEMM autotuning (cuBLAS against Triton templates, whose epi
     the neighbouring bias, GELU and residual kernels), benchmarked in a subprocess.
 --profile FILE: after timing, profile 3 steps and write GPU time per kernel and per kind of kernel.
 --gemms FILE: after timing, profile 3 steps and write each matmul shape's GPU time and TFLOP/s.
+--llmc FILE: the JSON lines of the llm.c anchor (../shared/tools/llmc-anchor/run.sh) run in the same call; adds
+    llmc_tokens_per_sec (its fastest line at this batch, 124M) and ratio_vs_llmc to the result.
 --memory FILE: after timing, write the peak memory of each phase of a step and the tensors alive at
     the step's peak, largest first, with the line of (generated) code that allocated them.
 The loss kernel's launch settings are swept by scripts/bench_loss_kernel.py. Each lever needs a fresh
@@ -39,6 +45,7 @@ parser.add_argument("--batch", type=int, default=64)
 parser.add_argument("--profile", metavar="FILE")
 parser.add_argument("--gemms", metavar="FILE")
 parser.add_argument("--memory", metavar="FILE")
+parser.add_argument("--llmc", metavar="FILE")
 args = parser.parse_args()
 
 import torch._inductor.config as inductor  # noqa: E402
@@ -48,7 +55,7 @@ from gpt2repro.bench import bench_setup, run_bench, training_step  # noqa: E402
 SETTINGS = {  # levers of our own code: training-config overrides
     "default": [], "plain-loss": ["loss_chunk_rows=0"], "sdpa": ["attention=sdpa"],
     "save-gelu": ["recompute_gelu=false"], "model-compile": ["compile_scope=model"],
-    "checkpointing": ["activation_checkpointing=true"],
+    "checkpointing": ["activation_checkpointing=true"], "fp32-residual": ["bf16_residual=false"],
 }
 
 
@@ -73,6 +80,14 @@ def apply(lever: str) -> list[str]:
         inductor.max_autotune_gemm_backends = "ATEN,TRITON"
         inductor.autotune_in_subproc = True
         inductor.triton.enable_persistent_tma_matmul = True
+    elif lever == "blocks-only":
+        from gpt2repro.model.gpt import GPT
+
+        def compile_blocks(self):
+            for block in self.transformer.h:
+                block.compile()
+
+        GPT.compile_blocks = compile_blocks
     elif lever == "tile-reductions":
         inductor.triton.tile_reductions = True
     else:
@@ -234,6 +249,11 @@ def memory(path: str) -> None:
 start = time.perf_counter()
 result = run_bench(args.batch, 1024, steps=args.steps, warmup=3, overrides=OVERRIDES)
 result.update(lever=args.lever, wall_s=round(time.perf_counter() - start, 1))
+if args.llmc:
+    lines = [json.loads(line) for line in open(args.llmc) if line.startswith("{")]
+    anchor = [line for line in lines if line["batch"] == args.batch and line["depth"] == 12]
+    result["llmc_tokens_per_sec"] = max(line["tokens_per_sec"] for line in anchor)
+    result["ratio_vs_llmc"] = round(result["ours_tokens_per_sec"] / result["llmc_tokens_per_sec"], 3)
 print(json.dumps(result), flush=True)
 if args.profile:
     profile(args.profile)

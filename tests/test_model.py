@@ -118,6 +118,36 @@ def test_model_training_loss_and_gradients_equal_those_through_full_logits():
     torch.testing.assert_close(unchunked(idx, targets)[1].double(), plain, rtol=1e-6, atol=0)  # same softmax, in fp32
 
 
+def test_bf16_residual_rounds_the_stream_to_bf16_under_bf16_autocast_and_changes_nothing_else():
+    torch.manual_seed(0)
+    ref = GPT(TINY)
+    model = GPT(TINY, bf16_residual=True)
+    model.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 50257, (2, 16))
+    targets = idx.roll(-1, dims=1)
+    streams = []
+    model.transformer.h[1].register_forward_pre_hook(lambda module, args: streams.append(args[0].dtype))
+
+    def loss_and_grads(m):
+        m.zero_grad()
+        loss = m(idx, targets)[1]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    # without autocast (CPU training, fp32 everywhere) the option is a no-op, bit for bit
+    (loss, grads), (ref_loss, ref_grads) = loss_and_grads(model), loss_and_grads(ref)
+    assert streams == [torch.float32] and torch.equal(loss, ref_loss)
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (loss, grads), (ref_loss, ref_grads) = loss_and_grads(model), loss_and_grads(ref)
+    assert streams[-1] == torch.bfloat16
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads.values())
+    # the stream and its gradient lose fp32's mantissa: bf16 keeps 8 bits, about 0.4% per rounding
+    assert abs(loss - ref_loss) < 1e-3 * ref_loss
+    for name, grad in ref_grads.items():
+        assert (grads[name] - grad).norm() <= 2e-2 * grad.norm(), name
+
+
 def test_compiled_training_loss_is_one_graph_with_the_eager_loss_and_gradients():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=320, n_layer=1, n_head=2, n_embd=16))

@@ -8,7 +8,9 @@ The constructor's keyword arguments choose how the same function is computed (sp
 levers), never what it computes: `attention` ("auto": cuDNN + FlashAttention-4 where they apply,
 else PyTorch's SDPA; "sdpa": always SDPA), `loss_chunk_rows` (rows of logits alive at once in the
 training loss; 0 computes the full logits), `recompute_gelu` (each MLP recomputes its GELU in
-backward) and `activation_checkpointing` (each Block recomputes its whole forward in backward).
+backward), `activation_checkpointing` (each Block recomputes its whole forward in backward) and
+`bf16_residual` (under bf16 autocast the residual stream is bf16 instead of fp32: the same function,
+rounded as llm.c rounds it).
 """
 
 from __future__ import annotations
@@ -108,15 +110,35 @@ class Block(nn.Module):
         return x
 
 
+def _embed(model: "GPT", idx: torch.Tensor, start: int) -> torch.Tensor:
+    """The residual stream's start: token plus position embeddings of idx (B, T) from position `start`."""
+    pos = torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
+    x = model.transformer.wte(idx) + model.transformer.wpe(pos)  # (B, T, C)
+    device = idx.device.type
+    if model.bf16_residual and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+        x = x.to(torch.bfloat16)  # every block then adds its bf16 outputs to a bf16 stream, as llm.c does
+    return x
+
+
+def _final_loss(model: "GPT", x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the residual stream x (B, T, C) after ln_f against targets (B, T), -1 ignored.
+    The softmax spans GPT-2's 50,257 tokens: padded vocabulary rows are never predicted, as in the export."""
+    x = model.transformer.ln_f(x)
+    return linear_cross_entropy(x.view(-1, x.size(-1)), model.lm_head.weight, targets.reshape(-1), ignore_index=-1,
+                                chunk_rows=model.loss_chunk_rows, classes=model.config.real_vocab_size)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, *, attention: str = "auto", loss_chunk_rows: int = CHUNK_ROWS,
-                 recompute_gelu: bool = True, activation_checkpointing: bool = False):
+                 recompute_gelu: bool = True, activation_checkpointing: bool = False, bf16_residual: bool = False):
         super().__init__()
         if attention not in ATTENTION_KINDS:
             raise UserError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
         self.config = config
         self.loss_chunk_rows = loss_chunk_rows
         self.activation_checkpointing = activation_checkpointing
+        self.bf16_residual = bf16_residual
+        self._loss_ends = (_embed, _final_loss)  # compiled graphs of their own after compile_blocks()
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
@@ -142,6 +164,14 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def compile_blocks(self) -> None:
+        """Compile one Block graph that every layer reuses (dynamo treats each layer's weights as inputs,
+        so it compiles once for all layers), and the training loss's two ends as graphs of their own:
+        the embedding sum, and the final LayerNorm with the loss."""
+        for block in self.transformer.h:
+            block.compile()
+        self._loss_ends = tuple(torch.compile(end, fullgraph=True) for end in (_embed, _final_loss))
+
     def num_params(self) -> int:
         """Unique parameters (the tied embedding counted once), position embeddings included."""
         return sum(p.numel() for p in self.parameters())
@@ -163,24 +193,23 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        # training and validation: the loss chunk by chunk, never holding the (B*T, V) logits (loss.py)
+        loss_only = targets is not None and not return_logits and self.loss_chunk_rows > 0 and kv_cache is None
+        embed, final_loss = self._loss_ends if loss_only else (_embed, None)
+        x = embed(self, idx, start)  # (B, T, C)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for block in self.transformer.h:
             # checkpointing keeps only each Block's input; backward runs the Block's forward again
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x, kv_cache)
+        if loss_only:
+            return None, final_loss(self, x, targets)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
-        # the softmax spans GPT-2's 50,257 tokens: padded vocabulary rows are never predicted, as in the export
-        classes = self.config.real_vocab_size
-        if targets is not None and not return_logits and self.loss_chunk_rows:
-            # chunk by chunk, never holding the (B*T, V) logits or their gradient (loss.py)
-            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                              ignore_index=-1, chunk_rows=self.loss_chunk_rows, classes=classes)
         logits = self.lm_head(x)  # (B, T, V) in the autocast dtype
         if targets is None:
             return logits, None
+        classes = self.config.real_vocab_size
         loss = F.cross_entropy(logits.view(B * T, -1)[:, :classes].float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 

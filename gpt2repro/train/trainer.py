@@ -103,7 +103,8 @@ class Trainer:
         # the same seed on every process: identical initial weights without a broadcast
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model, attention=cfg.attention, loss_chunk_rows=cfg.loss_chunk_rows,
-                    recompute_gelu=cfg.recompute_gelu, activation_checkpointing=cfg.activation_checkpointing)
+                    recompute_gelu=cfg.recompute_gelu, activation_checkpointing=cfg.activation_checkpointing,
+                    bf16_residual=cfg.bf16_residual)
         saved = load_checkpoint(checkpoint, cfg.model) if checkpoint is not None else None
         if saved is not None:
             model.load_weights(saved["model"], source=f"checkpoint {checkpoint}")  # before any sharding
@@ -116,9 +117,7 @@ class Trainer:
         if saved is not None:
             self._load_training_state(saved, checkpoint)
         if cfg.compile and cfg.compile_scope == "block":
-            # the blocks share one graph: dynamo treats their weights as inputs, so it compiles once for all layers
-            for block in self.unwrapped.transformer.h:
-                block.compile()
+            self.unwrapped.compile_blocks()
         elif cfg.compile:
             # compile the prepared (DDP) module so its gradient buckets still overlap the backward pass
             self.model = torch.compile(self.model)
