@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import GPTConfig
 from ..errors import UserError
 from .attention import causal_attention, split_heads
-from .loss import CHUNK_ROWS, linear_cross_entropy
+from .loss import CHUNK_ROWS, compute_dtype, linear_cross_entropy
 
 ATTENTION_KINDS = ("auto", "sdpa")
 
@@ -114,8 +114,7 @@ def _embed(model: "GPT", idx: torch.Tensor, start: int) -> torch.Tensor:
     """The residual stream's start: token plus position embeddings of idx (B, T) from position `start`."""
     pos = torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
     x = model.transformer.wte(idx) + model.transformer.wpe(pos)  # (B, T, C)
-    device = idx.device.type
-    if model.bf16_residual and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+    if model.bf16_residual and compute_dtype(x) == torch.bfloat16:
         x = x.to(torch.bfloat16)  # every block then adds its bf16 outputs to a bf16 stream, as llm.c does
     return x
 
@@ -256,8 +255,7 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         block_size = self.config.block_size
-        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
-        cache = KVCache(self.config, idx.size(0), idx.device, dtype or self.lm_head.weight.dtype)
+        cache = KVCache(self.config, idx.size(0), idx.device, compute_dtype(self.lm_head.weight))
         out = idx
         step_input = idx[:, -block_size:]
         for _ in range(max_new_tokens):

@@ -27,7 +27,8 @@ CHUNK_ROWS = 8192  # default rows of logits alive at once: 8192 x 50,304 bf16 is
 XENT_BLOCK, XENT_WARPS = 8192, 16  # the softmax kernel's columns per iteration and warps per row (BENCHMARKS.md)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ops on x compute in: autocast's on x's device where it is enabled, else x's own."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
@@ -164,7 +165,7 @@ def linear_cross_entropy(
     """
     chunk_rows = chunk_rows or CHUNK_ROWS
     classes = weight.size(0) if classes is None else classes
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, classes, chunk_rows, dtype)
