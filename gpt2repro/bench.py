@@ -66,8 +66,7 @@ def training_step(cfg: TrainConfig, tokens: torch.Tensor) -> tuple[Trainer, Call
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def step():
-        trainer.accumulate_gradients([(x, y)])
-        trainer.apply_update()
+        trainer.take_step([(x, y)])
         trainer.step += 1
 
     return trainer, step
@@ -77,7 +76,8 @@ def bench_ours(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int) 
     trainer, step = training_step(cfg, tokens)
     first_step_s, times = _time_steps(step, warmup, steps, trainer.device)
     result = {"ms": times, "first_step_s": first_step_s, "peak_gib": _peak_gib(trainer.device), "device": trainer.device,
-              "distributed": trainer.accelerator.distributed_type.value}
+              "distributed": trainer.accelerator.distributed_type.value,
+              "step": "CUDA graph" if trainer.graph else f"eager ({trainer.graph_blocker})"}
     del trainer
     return result
 
@@ -137,7 +137,7 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
     cfg, tokens = bench_setup(batch, seq, preset, model, overrides)
 
     ours = bench_ours(cfg, tokens, warmup, steps)
-    device, distributed = ours.pop("device"), ours.pop("distributed")
+    device, distributed, step = ours.pop("device"), ours.pop("distributed"), ours.pop("step")
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -151,6 +151,7 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
         "model": f"{cfg.model.n_layer} layers x {cfg.model.n_embd}",
         "settings": list(overrides),
         "attention": attention_backend(device, resolve_mixed_precision(cfg.mixed_precision), cfg.attention),
+        "step": step,  # ours: one CUDA graph per step, or eager and why
         "mfu_formula": MFU_FORMULA,
     }
     peak = peak_flops(device)
@@ -179,7 +180,7 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
 def print_table(result: dict) -> None:
     print(f"device {result['device']} | torch {result['torch']} (CUDA {result['cuda']}) | "
           f"B={result['batch']} T={result['seq']} | {result['mixed_precision']} | compile {result['compile']} | "
-          f"attention {result['attention']}")
+          f"attention {result['attention']} | step {result['step']}")
     print(f"{'':6} {'tokens/s':>12} {'ms/step':>9} {'MFU':>7} {'peak GiB':>9} {'first step s':>13}")
     for name in ("ours", "hf"):
         if f"{name}_tokens_per_sec" in result:

@@ -95,6 +95,7 @@ class TrainConfig:
     bf16_residual: bool = True  # under bf16 mixed precision the residual stream is bf16 (llm.c's arithmetic), not fp32:
     #                             3% faster and 1.2 GiB less at 124M, same curve (BENCHMARKS.md); false: fp32
     activation_checkpointing: bool = False  # each Block recomputes its forward in backward: far less memory, ~1/3 more compute
+    cuda_graph: bool = True  # one process on a GPU: from the third step, each step is one CUDA graph replay (train/graph.py)
 
     # data
     shuffle: bool = True  # new seeded order of shards and documents every epoch; False walks the data in order

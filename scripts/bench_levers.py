@@ -14,6 +14,7 @@ blocks-only: the Block graph alone, the embedding and the loss head left eager (
 fp32-residual: the residual stream in fp32 under bf16 autocast (bf16_residual=false; the default keeps it in
     bf16, as llm.c does).
 checkpointing: every Block recomputed in backward (activation_checkpointing=true).
+eager: the step launched kernel by kernel from the host (cuda_graph=false; the default replays it as one CUDA graph).
 Levers of PyTorch's own settings:
 flash / cudnn: scaled_dot_product_attention limited to FlashAttention-2 / cuDNN attention.
 cdt: inductor's coordinate-descent tuning of its generated kernels.
@@ -25,6 +26,8 @@ autotune: inductor's GEMM autotuning (cuBLAS against Triton templates, whose epi
 --gemms FILE: after timing, profile 3 steps and write each matmul shape's GPU time and TFLOP/s.
 --llmc FILE: the JSON lines of the llm.c anchor (../shared/tools/llmc-anchor/run.sh) run in the same call; adds
     llmc_tokens_per_sec (its fastest line at this batch, 124M) and ratio_vs_llmc to the result.
+--trace FILE: after timing, write the Chrome trace (CPU and GPU) of 2 steps, to see what the host does while
+    the GPU waits.
 --memory FILE: after timing, write the peak memory of each phase of a step and the tensors alive at
     the step's peak, largest first, with the line of (generated) code that allocated them.
 The loss kernel's launch settings are swept by scripts/bench_loss_kernel.py. Each lever needs a fresh
@@ -45,6 +48,7 @@ parser.add_argument("--batch", type=int, default=64)
 parser.add_argument("--profile", metavar="FILE")
 parser.add_argument("--gemms", metavar="FILE")
 parser.add_argument("--memory", metavar="FILE")
+parser.add_argument("--trace", metavar="FILE")
 parser.add_argument("--llmc", metavar="FILE")
 args = parser.parse_args()
 
@@ -56,6 +60,7 @@ SETTINGS = {  # levers of our own code: training-config overrides
     "default": [], "plain-loss": ["loss_chunk_rows=0"], "sdpa": ["attention=sdpa"],
     "save-gelu": ["recompute_gelu=false"], "model-compile": ["compile_scope=model"],
     "checkpointing": ["activation_checkpointing=true"], "fp32-residual": ["bf16_residual=false"],
+    "eager": ["cuda_graph=false"],
 }
 
 
@@ -112,7 +117,7 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def profiled_steps(**profiler_args) -> torch.profiler.profile:
+def profiled_steps(steps: int = 3, **profiler_args) -> torch.profiler.profile:
     """A fresh step, 3 unprofiled steps of it, then the profile of 3 more, each synchronised as the bench times it."""
     cfg, tokens = bench_setup(args.batch, overrides=OVERRIDES)
     _, step = training_step(cfg, tokens)
@@ -120,10 +125,15 @@ def profiled_steps(**profiler_args) -> torch.profiler.profile:
         step()
     torch.cuda.synchronize()
     with torch.profiler.profile(**profiler_args) as prof:
-        for _ in range(3):
+        for _ in range(steps):
             step()
             torch.cuda.synchronize()
     return prof
+
+
+def trace(path: str) -> None:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    profiled_steps(2, activities=activities).export_chrome_trace(path)
 
 
 def profile(path: str) -> None:
@@ -185,7 +195,7 @@ def gemms(path: str) -> None:
 def memory(path: str) -> None:
     import linecache
 
-    cfg, tokens = bench_setup(args.batch, overrides=OVERRIDES)
+    cfg, tokens = bench_setup(args.batch, overrides=OVERRIDES + ["cuda_graph=false"])  # phase by phase
     trainer, step = training_step(cfg, tokens)
     x, y = (t.to(trainer.device) for t in (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
     gib = 2**30
@@ -261,3 +271,5 @@ if args.gemms:
     gemms(args.gemms)
 if args.memory:
     memory(args.memory)
+if args.trace:
+    trace(args.trace)

@@ -159,8 +159,8 @@ def test_weights_poisoned_after_an_update_are_never_saved_and_the_named_checkpoi
     run = tmp_path / "run"
     original = Trainer.apply_update
 
-    def poisoned(self):
-        result = original(self)
+    def poisoned(self, lr=None):
+        result = original(self, lr)
         if self.step == 3:  # the fourth update; the save after step 4 follows at once
             with torch.no_grad():
                 self.unwrapped.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")

@@ -208,3 +208,40 @@ def test_compiled_bf16_training_with_validation_hellaswag_samples_and_exact_resu
     assert all(r["mfu"] is None or 0 < r["mfu"] < 1 for r in a if "train_loss" in r)
     assert "Hello, I'm a language model," in (straight / "samples.txt").read_text()
     assert sorted(list_checkpoints(straight / "checkpoints")) == [2, 4, 6]
+
+
+def test_the_step_replayed_as_a_cuda_graph_matches_the_eager_step_with_accumulation_and_after_a_state_load():
+    settings = GPU_RUN + ["total_batch_size=2048"]  # 2 micro-batches of 8 x 128 per step
+    generator = torch.Generator().manual_seed(0)
+
+    def batches(n):
+        tokens = torch.randint(0, 50257, (n, 2, 8, 129), generator=generator)
+        return [[(t[:, :-1], t[:, 1:]) for t in step] for step in tokens]
+
+    first, second, other = batches(5), batches(3), batches(4)
+
+    def trainer(graph: bool) -> Trainer:
+        return Trainer(load_train_config("tiny", None, settings + [f"cuda_graph={str(graph).lower()}"]), None, None)
+
+    def run(trainer, steps) -> list[float]:
+        losses = []
+        for step in steps:
+            losses.append(trainer.take_step(step).loss.item())
+            trainer.step += 1
+        return losses
+
+    eager, graphed = trainer(False), trainer(True)
+    assert eager.graph is None and graphed.graph is not None
+    losses = run(eager, first)
+    assert run(graphed, first) == pytest.approx(losses, rel=1e-4)  # atomics in some backward kernels: not bitwise
+    assert graphed.graph.graph is not None  # the last steps were replays
+    # a state from another run: the graph must be captured again around the new optimizer tensors
+    donor = trainer(False)
+    run(donor, other)
+    state = donor.state_dict()  # holds the donor's own tensors: each trainer loads copies
+    for t in (eager, graphed):
+        t.load_state_dict(torch.utils._pytree.tree_map(lambda v: v.clone() if torch.is_tensor(v) else v, state))
+    assert graphed.graph.graph is None
+    assert run(graphed, second) == pytest.approx(run(eager, second), rel=1e-4)
+    assert graphed.graph.graph is not None
+    assert graphed.optimizer.param_groups[0]["lr"] == eager.optimizer.param_groups[0]["lr"]  # a float, as saved

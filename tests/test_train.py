@@ -139,6 +139,22 @@ def test_block_scope_compiles_one_graph_for_all_layers_with_the_eager_step():
     assert [k for k in trainer.unwrapped.state_dict() if "_orig_mod" in k] == []
 
 
+def test_the_step_is_a_cuda_graph_only_for_one_compiled_process_on_a_gpu_that_stops_on_non_finite_values():
+    from gpt2repro.train.graph import graph_blocker
+
+    gpu = torch.device("cuda", 0)
+    cfg = small_config("compile=true")
+    assert cfg.cuda_graph  # the default
+    assert graph_blocker(cfg, gpu, 1) is None
+    assert "process" in graph_blocker(cfg, gpu, 2)
+    assert "CUDA GPU" in graph_blocker(cfg, torch.device("cpu"), 1)
+    for setting, reason in (("on_nonfinite=skip", "skip"), ("activation_checkpointing=true", "RNG state"),
+                            ("compile=false", "RNG state"), ("cuda_graph=false", "cuda_graph=false")):
+        assert reason in graph_blocker(small_config("compile=true", setting), gpu, 1), setting
+    trainer = Trainer(small_config(), data_dir=None, run_dir=None)
+    assert trainer.graph is None and trainer.graph_blocker == "not on a CUDA GPU"
+
+
 def test_resumed_run_logs_bit_identical_losses(data_dir, tmp_path):
     common = ("max_steps=6", "checkpoint_every=2", "val_every=3", "sample_every=3", "keep_checkpoints=2",
               "pin_checkpoints=[2]")
@@ -408,11 +424,11 @@ def test_skip_mode_skips_non_finite_steps_and_counts_them(data_dir, tmp_path, mo
     original = Trainer.apply_update
     weights_before_skip = {}
 
-    def poisoned(self):
+    def poisoned(self, lr=None):
         if self.step == 2:
             weights_before_skip.update({k: v.clone() for k, v in self.unwrapped.state_dict().items()})
             self.unwrapped.lm_head.weight.grad[0, 0] = float("inf")
-        result = original(self)
+        result = original(self, lr)
         if self.step == 2:
             for k, v in self.unwrapped.state_dict().items():
                 assert torch.equal(v, weights_before_skip[k]), f"{k} changed in a skipped step"

@@ -11,6 +11,7 @@ Mechanisms and their single owners:
 - data order: the TokenLoader (same global batch per step whatever the world size);
 - the whole state as one dict: `Trainer.state_dict()` / `load_state_dict()` (state.py gathers and
   scatters FSDP shards); on disk: checkpoint.py;
+- the step as one CUDA graph on a single GPU: GraphedStep (graph.py);
 - when to save and stop: CheckpointPolicy (policy.py); evaluation and samples: EvalHooks (hooks.py);
   what is shown and logged: Progress (metrics.py).
 """
@@ -36,6 +37,7 @@ from ..model.attention import backend as attention_backend
 from ..model.attention import precompile as precompile_attention
 from ..run_dir import RunDir
 from . import state as training_state
+from .graph import EAGER_STEPS, GraphedStep, graph_blocker
 from .hooks import EvalHooks
 from .init_from import start_from
 from .launch import is_fsdp, make_accelerator, use_cpu, world_size
@@ -121,6 +123,8 @@ class Trainer:
         elif cfg.compile:
             # compile the prepared (DDP) module so its gradient buckets still overlap the backward pass
             self.model = torch.compile(self.model)
+        self.graph_blocker = graph_blocker(cfg, self.device, self.world_size)
+        self.graph = GraphedStep(self._eager_step, self.optimizer, self.device) if self.graph_blocker is None else None
 
     @property
     def engine(self) -> torch.nn.Module:
@@ -168,6 +172,8 @@ class Trainer:
         """Restore a state_dict() (e.g. one read by checkpoint.load_checkpoint) on every process."""
         training_state.load_model_state(self.engine if self.sharded else self.unwrapped, state["model"], self.sharded)
         self._load_training_state(state, "state dict")
+        if self.graph is not None:
+            self.graph.reset()  # the optimizer's state tensors were replaced
 
     def _load_training_state(self, state: dict, source) -> None:
         try:
@@ -241,26 +247,32 @@ class Trainer:
                 self.accelerator.backward(loss)  # divides by grad_accum_steps
         return loss_sum / self.grad_accum_steps
 
-    def apply_update(self) -> tuple[torch.Tensor, bool]:
-        """Clip, set this step's learning rate, take the optimizer step; returns (grad norm, skipped)."""
+    def apply_update(self, lr: float | torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """Clip, set the learning rate (this step's unless given; a device scalar in a CUDA graph), take the
+        optimizer step; returns (grad norm, skipped)."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         skipped = False
         if self.cfg.on_nonfinite == "skip" and not torch.isfinite(grad_norm).item():
             skipped = True  # a non-finite norm means non-finite gradients: drop them, keep the weights
         else:
-            lr = get_lr(self.step, self.cfg)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = get_lr(self.step, self.cfg) if lr is None else lr
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, skipped
 
-    def train_step(self) -> StepStats:
-        batches = (self.loader.next_batch() for _ in range(self.grad_accum_steps))
+    def _eager_step(self, batches, lr) -> StepStats:
         loss = self.accumulate_gradients(batches)
-        grad_norm, skipped = self.apply_update()
-        return StepStats(loss, grad_norm, skipped)
+        return StepStats(loss, *self.apply_update(lr))
+
+    def take_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepStats:
+        """One optimizer step over this process's micro-batches, as a CUDA graph where one applies
+        (graph.py), else eagerly. The stats' tensors may be overwritten by the next step."""
+        return (self.graph or self._eager_step)(batches, get_lr(self.step, self.cfg))
+
+    def train_step(self) -> StepStats:
+        return self.take_step([self.loader.next_batch() for _ in range(self.grad_accum_steps)])
 
     # -------------------------------------------------------------------------------------
     # the loop
@@ -295,6 +307,8 @@ class Trainer:
                     acc.distributed_type.value, self.device, precision, compiled,
                     "on" if cfg.activation_checkpointing else "off")
         logger.info("attention: %s", attention_backend(self.device, acc.mixed_precision, cfg.attention))
+        logger.info("step: %s", f"one CUDA graph, captured after the first {EAGER_STEPS} steps" if self.graph
+                    else f"eager ({self.graph_blocker})")
         if self.resumed_from:
             logger.info("resumed from %s at step %d", self.resumed_from, self.step)
         elif cfg.init_from != "scratch":
