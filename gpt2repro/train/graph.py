@@ -91,9 +91,13 @@ class GraphedStep:
     def _capture(self, batches) -> None:
         self.inputs = [(x.to(self.device), y.to(self.device)) for x, y in batches]
         self.lr = torch.zeros((), device=self.device)
-        for group in self.optimizer.param_groups:
-            group["capturable"] = True  # the fused AdamW kernel is the same; the flag lets capture proceed
+        groups = self.optimizer.param_groups
+        capturable = [group["capturable"] for group in groups]
+        for group in groups:
+            group["capturable"] = True  # lets capture proceed; the fused AdamW kernel does not read it
         torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph gets a memory pool of its own
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = self.run(self.inputs, self.lr)
+        for group, flag in zip(groups, capturable):
+            group["capturable"] = flag  # checkpoints save it, and AdamW on a CPU refuses capturable=True
