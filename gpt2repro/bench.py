@@ -77,7 +77,7 @@ def bench_ours(cfg: TrainConfig, tokens: torch.Tensor, warmup: int, steps: int) 
     first_step_s, times = _time_steps(step, warmup, steps, trainer.device)
     result = {"ms": times, "first_step_s": first_step_s, "peak_gib": _peak_gib(trainer.device), "device": trainer.device,
               "distributed": trainer.accelerator.distributed_type.value,
-              "step": "CUDA graph" if trainer.graph else f"eager ({trainer.graph_blocker})"}
+              "step": trainer.step_mode}
     del trainer
     return result
 

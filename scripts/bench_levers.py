@@ -118,7 +118,8 @@ def kernel_kind(name: str) -> str:
 
 
 def profiled_steps(steps: int = 3, **profiler_args) -> torch.profiler.profile:
-    """A fresh step, 3 unprofiled steps of it, then the profile of 3 more, each synchronised as the bench times it."""
+    """A fresh step, 3 unprofiled steps of it, then the profile of `steps` more, each synchronised as the bench
+    times it."""
     cfg, tokens = bench_setup(args.batch, overrides=OVERRIDES)
     _, step = training_step(cfg, tokens)
     for _ in range(3):

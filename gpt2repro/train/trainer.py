@@ -127,6 +127,12 @@ class Trainer:
         self.graph = GraphedStep(self._eager_step, self.optimizer, self.device) if self.graph_blocker is None else None
 
     @property
+    def step_mode(self) -> str:
+        """How each training step runs, for the log and benchmark reports."""
+        return f"one CUDA graph, captured after the first {EAGER_STEPS} steps" if self.graph \
+            else f"eager ({self.graph_blocker})"
+
+    @property
     def engine(self) -> torch.nn.Module:
         """The prepared (DDP or FSDP) module without a compile wrapper: what state dicts are taken from."""
         return getattr(self.model, "_orig_mod", self.model)
@@ -307,8 +313,7 @@ class Trainer:
                     acc.distributed_type.value, self.device, precision, compiled,
                     "on" if cfg.activation_checkpointing else "off")
         logger.info("attention: %s", attention_backend(self.device, acc.mixed_precision, cfg.attention))
-        logger.info("step: %s", f"one CUDA graph, captured after the first {EAGER_STEPS} steps" if self.graph
-                    else f"eager ({self.graph_blocker})")
+        logger.info("step: %s", self.step_mode)
         if self.resumed_from:
             logger.info("resumed from %s at step %d", self.resumed_from, self.step)
         elif cfg.init_from != "scratch":
