@@ -20,6 +20,7 @@ from .config import MODEL_PRESETS, TrainConfig, apply_overrides, parse_set
 from .errors import UserError
 from .eval.device import autocast
 from .model.attention import backend as attention_backend
+from .model.fused_mlp import backend as mlp_backend
 from .presets import TRAIN_PRESETS
 from .train import Trainer, build_optimizer
 from .train.launch import resolve_mixed_precision
@@ -151,6 +152,7 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
         "model": f"{cfg.model.n_layer} layers x {cfg.model.n_embd}",
         "settings": list(overrides),
         "attention": attention_backend(device, resolve_mixed_precision(cfg.mixed_precision), cfg.attention),
+        "mlp": mlp_backend(device, resolve_mixed_precision(cfg.mixed_precision), cfg.fused_mlp),
         "step": step,  # ours: one CUDA graph per step, or eager and why
         "mfu_formula": MFU_FORMULA,
     }
@@ -180,7 +182,7 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
 def print_table(result: dict) -> None:
     print(f"device {result['device']} | torch {result['torch']} (CUDA {result['cuda']}) | "
           f"B={result['batch']} T={result['seq']} | {result['mixed_precision']} | compile {result['compile']} | "
-          f"attention {result['attention']} | step {result['step']}")
+          f"attention {result['attention']} | MLP {result['mlp']} | step {result['step']}")
     print(f"{'':6} {'tokens/s':>12} {'ms/step':>9} {'MFU':>7} {'peak GiB':>9} {'first step s':>13}")
     for name in ("ours", "hf"):
         if f"{name}_tokens_per_sec" in result:

@@ -15,6 +15,8 @@ fp32-residual: the residual stream in fp32 under bf16 autocast (bf16_residual=fa
     bf16, as llm.c does).
 checkpointing: every Block recomputed in backward (activation_checkpointing=true).
 eager: the step launched kernel by kernel from the host (cuda_graph=false; the default replays it as one CUDA graph).
+plain-mlp: the MLP as separate matmul and GELU kernels (fused_mlp=false; the default puts the GELU in quack's
+    matmul epilogues where the [gpu] extra is installed).
 Levers of PyTorch's own settings:
 flash / cudnn: scaled_dot_product_attention limited to FlashAttention-2 / cuDNN attention.
 cdt: inductor's coordinate-descent tuning of its generated kernels.
@@ -60,7 +62,7 @@ SETTINGS = {  # levers of our own code: training-config overrides
     "default": [], "plain-loss": ["loss_chunk_rows=0"], "sdpa": ["attention=sdpa"],
     "save-gelu": ["recompute_gelu=false"], "model-compile": ["compile_scope=model"],
     "checkpointing": ["activation_checkpointing=true"], "fp32-residual": ["bf16_residual=false"],
-    "eager": ["cuda_graph=false"],
+    "eager": ["cuda_graph=false"], "plain-mlp": ["fused_mlp=false"],
 }
 
 

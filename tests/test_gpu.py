@@ -132,6 +132,60 @@ def test_cudnn_flash_attention_operators_pass_opcheck():
     torch.library.opcheck(attention._attention, (qkv, 3))
 
 
+def _mlp_pair():
+    """A plain MLP and a fused one with the same weights (random biases, so their gradients count)."""
+    from gpt2repro.model.gpt import MLP
+
+    torch.manual_seed(0)
+    config = GPTConfig(n_embd=192, n_head=3)
+    plain = MLP(config, fused=False).cuda()
+    with torch.no_grad():
+        plain.c_fc.bias.normal_(0, 0.02)
+        plain.c_proj.bias.normal_(0, 0.02)
+    fused = MLP(config, fused=True).cuda()
+    fused.load_state_dict(plain.state_dict())
+    return plain, fused
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_mlp_with_gelu_in_the_matmul_epilogues_matches_the_plain_mlp_in_output_and_gradients(compiled):
+    from gpt2repro.model import fused_mlp
+
+    plain, fused = _mlp_pair()
+    x = torch.randn(4, 256, 192, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        if not fused_mlp.applies(x):
+            pytest.skip("quack (the [gpu] extra) is not installed or the GPU is older than Hopper")
+    grad_y = torch.randn(4, 256, 192, device="cuda")
+
+    def output_and_grads(module, autocast=True):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            y = (torch.compile(module) if compiled and autocast else module)(x)
+        y.backward(grad_y)
+        return [y.float(), x.grad] + [p.grad for p in module.parameters()]
+
+    exact = output_and_grads(plain, autocast=False)  # fp32 throughout
+    ours, reference = output_and_grads(fused), output_and_grads(plain)
+    assert all(t.dtype == torch.float32 for t in ours[1:])  # fp32 gradients for the fp32 master weights
+    for a, b, e in zip(ours, reference, exact):  # output, then the gradients of x, c_fc's and c_proj's weights and biases
+        error, reference_error = ((a - e).norm() / e.norm()).item(), ((b - e).norm() / e.norm()).item()
+        assert error < 1e-2 and error < 1.5 * reference_error + 1e-3  # bf16 rounding, no worse than the plain path's
+
+
+def test_mlp_with_gelu_in_the_matmul_epilogues_passes_opcheck():
+    from gpt2repro.model import fused_mlp
+
+    x = torch.randn(256, 192, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", torch.bfloat16):
+        if not fused_mlp.applies(x):
+            pytest.skip("quack (the [gpu] extra) is not installed or the GPU is older than Hopper")
+    weights = [torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) / 16
+               for shape in ((768, 192), (768,), (192, 768), (192,))]
+    torch.library.opcheck(fused_mlp._mlp, (x.requires_grad_(), *weights))
+
+
 def test_precompile_compiles_the_backward_kernels_a_larger_batch_then_uses():
     from gpt2repro.model import attention
 

@@ -221,3 +221,24 @@ def test_loading_weights_of_another_shape_names_the_mismatch():
     deeper = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=3, n_head=2, n_embd=16))
     with pytest.raises(UserError, match="missing transformer.h.2"):
         deeper.load_weights(state)
+
+
+def test_fused_mlp_takes_the_plain_path_bit_for_bit_where_quacks_kernels_do_not_apply():
+    from gpt2repro.model import fused_mlp
+
+    torch.manual_seed(0)
+    plain = GPT(TINY, fused_mlp=False)
+    fused = GPT(TINY, fused_mlp=True)
+    fused.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 50257, (2, 16))
+    for autocast in (False, True):  # CPU fp32, and CPU bf16 autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            losses = [m(idx, idx.roll(-1, dims=1))[1] for m in (plain, fused)]
+            assert not fused_mlp.applies(torch.zeros(2, 16, dtype=torch.bfloat16, requires_grad=True))
+        for loss in losses:
+            loss.backward()
+        assert torch.equal(*losses)
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(plain.parameters(), fused.parameters()))
+        plain.zero_grad()
+        fused.zero_grad()
+    assert fused_mlp.backend(torch.device("cpu"), "bf16") == "separate matmul and GELU kernels"

@@ -21,7 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch.nn import functional as F
 
-_compiling: Future | None = None  # the background compilation of the backward kernel (`precompile`)
+_compiling: Future | None = None  # the latest background compilation of the backward kernel (`precompile`)
+_compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-attn-4-compile")  # one at a time, in order
 
 
 @functools.cache
@@ -60,9 +61,15 @@ def _(qkv, n_head):
 def _attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                         n_head: int) -> torch.Tensor:
     """d loss / d qkv by FlashAttention-4, the q, k and v gradients written into one (B, T, 3C) tensor."""
-    if _compiling is not None:
-        _compiling.result()  # the kernel this call needs may still be compiling
+    wait_for_precompile()  # the kernel this call needs may still be compiling
     return _flash_backward_into(grad_out, qkv, out, lse, n_head)
+
+
+def wait_for_precompile() -> None:
+    """Return once `precompile`'s background compilations, if any, have ended. The CuTe DSL compiles one
+    kernel at a time in a process, so every caller of CuTe kernels waits for them (fused_mlp.py too)."""
+    if _compiling is not None:
+        _compiling.result()
 
 
 def _flash_backward_into(grad_out, qkv, out, lse, n_head: int) -> torch.Tensor:
@@ -136,9 +143,7 @@ def precompile(device: torch.device, n_head: int, n_embd: int, seq_len: int) -> 
             _flash_backward_into(torch.zeros_like(out), qkv, out, lse, n_head)
             torch.cuda.synchronize(device)
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-attn-4-compile")
-    _compiling = pool.submit(run)
-    pool.shutdown(wait=False)  # the thread ends with its one task
+    _compiling = _compiler.submit(run)
     return _compiling
 
 

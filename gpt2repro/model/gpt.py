@@ -8,9 +8,10 @@ The constructor's keyword arguments choose how the same function is computed (sp
 levers), never what it computes: `attention` ("auto": cuDNN + FlashAttention-4 where they apply,
 else PyTorch's SDPA; "sdpa": always SDPA), `loss_chunk_rows` (rows of logits alive at once in the
 training loss; 0 computes the full logits), `recompute_gelu` (each MLP recomputes its GELU in
-backward), `activation_checkpointing` (each Block recomputes its whole forward in backward) and
-`bf16_residual` (under bf16 autocast the residual stream is bf16 instead of fp32: the same function,
-rounded as llm.c rounds it).
+backward), `fused_mlp` (the MLP's GELU inside quack's matmul epilogues where they apply, which
+also recompute it), `activation_checkpointing` (each Block recomputes its whole forward in
+backward) and `bf16_residual` (under bf16 autocast the residual stream is bf16 instead of fp32: the
+same function, rounded as llm.c rounds it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import GPTConfig
 from ..errors import UserError
 from .attention import causal_attention, split_heads
+from .fused_mlp import applies as fused_mlp_applies, gelu_mlp
 from .loss import CHUNK_ROWS, compute_dtype, linear_cross_entropy
 
 ATTENTION_KINDS = ("auto", "sdpa")
@@ -77,15 +79,18 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig, recompute_gelu: bool = True):
+    def __init__(self, config: GPTConfig, recompute_gelu: bool = True, fused: bool = True):
         super().__init__()
         self.recompute_gelu = recompute_gelu
+        self.fused = fused  # allow the GELU inside quack's matmul epilogues where they apply (fused_mlp.py)
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.act = nn.GELU(approximate="tanh")  # GPT-2's gelu_new
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and fused_mlp_applies(x):
+            return gelu_mlp(x, self.c_fc, self.c_proj)
         h = self.c_fc(x)
         if self.recompute_gelu and torch.is_grad_enabled() and h.requires_grad:
             # backward recomputes the GELU from h instead of keeping its output: 2 bytes x 4C per token
@@ -97,12 +102,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: GPTConfig, layer: int, fused_attention: bool = True, recompute_gelu: bool = True):
+    def __init__(self, config: GPTConfig, layer: int, fused_attention: bool = True, recompute_gelu: bool = True,
+                 fused_mlp: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.attn = CausalSelfAttention(config, layer, fused_attention)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
-        self.mlp = MLP(config, recompute_gelu)
+        self.mlp = MLP(config, recompute_gelu, fused_mlp)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache)
@@ -129,7 +135,8 @@ def _final_loss(model: "GPT", x: torch.Tensor, targets: torch.Tensor) -> torch.T
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, *, attention: str = "auto", loss_chunk_rows: int = CHUNK_ROWS,
-                 recompute_gelu: bool = True, activation_checkpointing: bool = False, bf16_residual: bool = False):
+                 recompute_gelu: bool = True, activation_checkpointing: bool = False, bf16_residual: bool = False,
+                 fused_mlp: bool = True):
         super().__init__()
         if attention not in ATTENTION_KINDS:
             raise UserError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
@@ -142,8 +149,8 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
-                h=nn.ModuleList([Block(config, i, attention == "auto", recompute_gelu and not activation_checkpointing)
-                                  for i in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, i, attention == "auto", recompute_gelu and not activation_checkpointing,
+                                       fused_mlp) for i in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=1e-5),
             )
         )

@@ -1,0 +1,108 @@
+"""GPT-2's MLP with its GELU inside the matmuls around it (the `[gpu]` extra).
+
+With quack's CuTe GEMMs (installed with flash-attn-4) on a Hopper or newer GPU, under bf16 autocast
+and with gradients on:
+- forward: c_fc's matmul adds its bias and applies the GELU in its epilogue, writing both the
+  pre-activation h, kept for backward, and GELU(h), c_proj's input, freed once c_proj has run;
+- backward: the matmul that turns c_proj's output gradient into the gradient of GELU(h) multiplies
+  it by GELU'(h) in its epilogue, and writes GELU(h) again for c_proj's weight gradient.
+
+So no GELU kernel runs on its own in either direction, and only h is kept, as with `recompute_gelu`.
+The other four matmuls are cuBLAS's, as in the plain path. Both paths compute GPT-2's tanh GELU in
+fp32 and differ only in rounding: here the GELU and its derivative take the matmul's fp32 result
+before it is rounded to bf16.
+
+The MLP and its backward are custom operators, so `torch.compile` keeps them opaque.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+
+from .attention import wait_for_precompile
+from .loss import compute_dtype
+
+GELU = "gelu_tanh_approx"  # quack's name for GPT-2's gelu_new
+
+
+@functools.cache
+def _kernels():
+    """quack's (gemm_act, gemm_dact), or None where it is not installed (imported on first use: it
+    loads the CuTe DSL compiler)."""
+    try:
+        from quack.gemm_interface import gemm_act, gemm_dact
+    except ImportError:
+        return None
+    return gemm_act, gemm_dact
+
+
+@torch.library.custom_op("gpt2repro::gelu_mlp", mutates_args=(), device_types="cuda")
+def _mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor, w_proj: torch.Tensor,
+         b_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, C) -> (output (N, C), pre-activation h (N, 4C)), all bf16."""
+    wait_for_precompile()  # flash-attn-4's, in another thread: the CuTe DSL compiles one kernel at a time
+    h, g = _kernels()[0](x, w_fc.t(), bias=b_fc, activation=GELU)  # h = x W_fc^T + b_fc, g = GELU(h)
+    return torch.addmm(b_proj, g, w_proj.t()), h
+
+
+@_mlp.register_fake
+def _(x, w_fc, b_fc, w_proj, b_proj):
+    return x.new_empty(x.size(0), w_proj.size(0)), x.new_empty(x.size(0), w_fc.size(0))
+
+
+@torch.library.custom_op("gpt2repro::gelu_mlp_backward", mutates_args=(), device_types="cuda")
+def _mlp_backward(grad_out: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
+                  h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of x, w_fc, b_fc, w_proj and b_proj."""
+    wait_for_precompile()
+    grad_h, g = _kernels()[1](grad_out, w_proj, h, activation=GELU)  # (grad_out W_proj) * GELU'(h), GELU(h)
+    return grad_h @ w_fc, grad_h.t() @ x, grad_h.sum(0), grad_out.t() @ g, grad_out.sum(0)
+
+
+@_mlp_backward.register_fake
+def _(grad_out, x, w_fc, w_proj, h):
+    return (torch.empty_like(x), torch.empty_like(w_fc), w_fc.new_empty(w_fc.size(0)), torch.empty_like(w_proj),
+            w_proj.new_empty(w_proj.size(0)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_fc, _, w_proj, _ = inputs
+    ctx.save_for_backward(x, w_fc, w_proj, output[1])
+
+
+def _backward(ctx, grad_out, grad_h):  # grad_h: h is an output only to be saved, so nothing flows into it
+    return _mlp_backward(grad_out.contiguous(), *ctx.saved_tensors)
+
+
+_mlp.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.compiler.assume_constant_result  # evaluated once while tracing, not traced
+def _available(device_index: int) -> bool:
+    return _kernels() is not None and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the fused MLP takes this (..., C) input: quack installed, a CUDA GPU of compute
+    capability 9.0 or newer, bf16 compute, C a multiple of 8, and gradients on (generation and
+    evaluation, whose row counts vary from call to call, keep the plain path)."""
+    return (x.is_cuda and compute_dtype(x) == torch.bfloat16 and x.size(-1) % 8 == 0 and torch.is_grad_enabled()
+            and _available(x.device.index))
+
+
+def gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear) -> torch.Tensor:
+    """c_proj(GELU(c_fc(x))) for (..., C) x, in bf16 with the GELU in the matmul epilogues."""
+    bf16 = torch.bfloat16
+    weights = (t.to(bf16) for t in (c_fc.weight, c_fc.bias, c_proj.weight, c_proj.bias))  # autocast's casts
+    out, _ = _mlp(x.reshape(-1, x.size(-1)).to(bf16), *weights)
+    return out.view(x.shape)
+
+
+def backend(device: torch.device, mixed_precision: str, fused: bool = True) -> str:
+    """The MLP kernels that training under `mixed_precision` with the model's `fused_mlp` setting uses
+    on this device, for logs and benchmark reports."""
+    on = fused and mixed_precision == "bf16" and device.type == "cuda" and _available(device.index)
+    return "GELU in quack's matmul epilogues" if on else "separate matmul and GELU kernels"
