@@ -139,6 +139,7 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
 
     ours = bench_ours(cfg, tokens, warmup, steps)
     device, distributed, step = ours.pop("device"), ours.pop("distributed"), ours.pop("step")
+    precision = resolve_mixed_precision(cfg.mixed_precision)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -151,8 +152,8 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
         "distributed": distributed,  # NO, or FSDP under accelerate launch --config_file accelerate_configs/fsdp.yaml
         "model": f"{cfg.model.n_layer} layers x {cfg.model.n_embd}",
         "settings": list(overrides),
-        "attention": attention_backend(device, resolve_mixed_precision(cfg.mixed_precision), cfg.attention),
-        "mlp": mlp_backend(device, resolve_mixed_precision(cfg.mixed_precision), cfg.fused_mlp),
+        "attention": attention_backend(device, precision, cfg.attention),
+        "mlp": mlp_backend(device, precision, cfg.fused_mlp),
         "step": step,  # ours: one CUDA graph per step, or eager and why
         "mfu_formula": MFU_FORMULA,
     }
