@@ -174,7 +174,7 @@ def test_mlp_with_gelu_in_the_matmul_epilogues_matches_the_plain_mlp_in_output_a
         assert error < 1e-2 and error < 1.5 * reference_error + 1e-3  # bf16 rounding, no worse than the plain path's
 
 
-def test_mlp_with_gelu_in_the_matmul_epilogues_passes_opcheck():
+def test_mlp_with_gelu_in_the_matmul_epilogues_passes_opcheck_forward_and_backward():
     from gpt2repro.model import fused_mlp
 
     x = torch.randn(256, 192, device="cuda", dtype=torch.bfloat16)
@@ -184,6 +184,8 @@ def test_mlp_with_gelu_in_the_matmul_epilogues_passes_opcheck():
     weights = [torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) / 16
                for shape in ((768, 192), (768,), (192, 768), (192,))]
     torch.library.opcheck(fused_mlp._mlp, (x.requires_grad_(), *weights))
+    grad_out, h = torch.randn_like(x), torch.randn(256, 768, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(fused_mlp._grad_h, (grad_out, weights[2].detach(), h))
 
 
 def test_precompile_compiles_the_backward_kernels_a_larger_batch_then_uses():

@@ -12,7 +12,8 @@ The other four matmuls are cuBLAS's, as in the plain path. Both paths compute GP
 fp32 and differ only in rounding: here the GELU and its derivative take the matmul's fp32 result
 before it is rounded to bf16.
 
-The MLP and its backward are custom operators, so `torch.compile` keeps them opaque.
+quack's two matmuls are custom operators, opaque to `torch.compile`; the rest of the backward, the
+other matmuls and the bias gradients, is traced, so the compiler writes the bias-gradient sums.
 """
 
 from __future__ import annotations
@@ -53,19 +54,16 @@ def _(x, w_fc, b_fc, w_proj, b_proj):
     return x.new_empty(x.size(0), w_proj.size(0)), x.new_empty(x.size(0), w_fc.size(0))
 
 
-@torch.library.custom_op("gpt2repro::gelu_mlp_backward", mutates_args=(), device_types="cuda")
-def _mlp_backward(grad_out: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
-                  h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of x, w_fc, b_fc, w_proj and b_proj."""
+@torch.library.custom_op("gpt2repro::gelu_mlp_grad_h", mutates_args=(), device_types="cuda")
+def _grad_h(grad_out: torch.Tensor, w_proj: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_out W_proj) * GELU'(h), the gradient of h, and GELU(h) again, for c_proj's weight gradient."""
     wait_for_precompile()
-    grad_h, g = _kernels()[1](grad_out, w_proj, h, activation=GELU)  # (grad_out W_proj) * GELU'(h), GELU(h)
-    return grad_h @ w_fc, grad_h.t() @ x, grad_h.sum(0), grad_out.t() @ g, grad_out.sum(0)
+    return _kernels()[1](grad_out, w_proj, h, activation=GELU)
 
 
-@_mlp_backward.register_fake
-def _(grad_out, x, w_fc, w_proj, h):
-    return (torch.empty_like(x), torch.empty_like(w_fc), w_fc.new_empty(w_fc.size(0)), torch.empty_like(w_proj),
-            w_proj.new_empty(w_proj.size(0)))
+@_grad_h.register_fake
+def _(grad_out, w_proj, h):
+    return torch.empty_like(h), torch.empty_like(h)
 
 
 def _setup_context(ctx, inputs, output):
@@ -73,8 +71,11 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_fc, w_proj, output[1])
 
 
-def _backward(ctx, grad_out, grad_h):  # grad_h: h is an output only to be saved, so nothing flows into it
-    return _mlp_backward(grad_out.contiguous(), *ctx.saved_tensors)
+def _backward(ctx, grad_out, _):  # h is an output only to be saved, so no gradient flows into it
+    x, w_fc, w_proj, h = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    grad_h, g = _grad_h(grad_out, w_proj, h)
+    return grad_h @ w_fc, grad_h.t() @ x, grad_h.sum(0), grad_out.t() @ g, grad_out.sum(0)
 
 
 _mlp.register_autograd(_backward, setup_context=_setup_context)
