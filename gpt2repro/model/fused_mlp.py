@@ -12,8 +12,9 @@ The other four matmuls are cuBLAS's, as in the plain path. Both paths compute GP
 fp32 and differ only in rounding: here the GELU and its derivative take the matmul's fp32 result
 before it is rounded to bf16.
 
-quack's two matmuls are custom operators, opaque to `torch.compile`; the rest of the backward, the
-other matmuls and the bias gradients, is traced, so the compiler writes the bias-gradient sums.
+The forward and quack's backward matmul are custom operators, opaque to `torch.compile`; the rest of
+the backward (the other three matmuls and the bias gradients) is traced, so the compiler writes the
+bias-gradient sums.
 """
 
 from __future__ import annotations
