@@ -36,6 +36,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 if triton is not None:
 
     @triton.jit
+    def _load_row(ptr, cols, V, classes):
+        """These columns of a row of logits in fp32, -inf past `classes`. The load is masked by V, the row's
+        length (GPT-2's padded 50,304, a multiple of 16), and the classes in registers: masked by 50,257,
+        Triton would load the row 2 bytes at a time instead of 16 (scripts/loss_kernel_loads.py)."""
+        x = tl.load(ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        return tl.where(cols < classes, x, -float("inf"))
+
+    @triton.jit
     def _softmax_xent_kernel(logits_ptr, targets_ptr, loss_ptr, scale_ptr, stride, V, classes, ignore_index,
                              WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
         """One row: its loss over the first `classes` of its V logits, and (WRITE_GRAD) scale * (softmax -
@@ -48,7 +56,7 @@ if triton is not None:
         s = 0.0
         for start in range(0, classes, BLOCK):  # online max and sum of exponentials
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(ptr + cols, mask=cols < classes, other=-float("inf")).to(tl.float32)
+            x = _load_row(ptr, cols, V, classes)
             m_new = tl.maximum(m, tl.max(x, 0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
             m = m_new
@@ -60,7 +68,7 @@ if triton is not None:
             scale = tl.where(valid, tl.load(scale_ptr), 0.0)
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                x = tl.load(ptr + cols, mask=cols < classes, other=-float("inf")).to(tl.float32)
+                x = _load_row(ptr, cols, V, classes)
                 p = tl.exp(x - lse)
                 grad = tl.where(cols == safe, p - 1.0, p) * scale
                 tl.store(ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
