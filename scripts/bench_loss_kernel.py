@@ -1,6 +1,9 @@
 """Time the loss kernel (gpt2repro/model/loss.py, `softmax_xent_`) on one chunk of logits for each block size and warp count.
 
-    python scripts/bench_loss_kernel.py [--rows 8192] [--vocab 50304]
+    python scripts/bench_loss_kernel.py [--rows 8192] [--vocab 50304] [--classes 50257]
+
+--vocab is the row's length (the padded vocabulary), --classes the columns the softmax spans, as in
+training (GPT-2's 50,257 tokens; the padding columns get a zero gradient).
 
 One JSON line per setting (ms from triton.testing.do_bench, the logits' read-read-write traffic in
 TB/s, the summed loss's relative error and the gradient's largest error against fp32 PyTorch), then the fastest settings and the time of copying the
@@ -22,16 +25,18 @@ from gpt2repro.model.loss import softmax_xent_
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--rows", type=int, default=8192)
 parser.add_argument("--vocab", type=int, default=50304)
+parser.add_argument("--classes", type=int, default=50257)
 args = parser.parse_args()
-R, V = args.rows, args.vocab
+R, V, C = args.rows, args.vocab, args.classes
 
 generator = torch.Generator(device="cuda").manual_seed(0)
 logits = (3 * torch.randn(R, V, device="cuda", generator=generator)).to(torch.bfloat16)
-targets = torch.randint(0, V, (R,), device="cuda", generator=generator)
+targets = torch.randint(0, C, (R,), device="cuda", generator=generator)
 scale = torch.tensor(1.0 / R, device="cuda")
-full = logits.float()
+full = logits[:, :C].float()
 ref_loss = torch.logsumexp(full, 1) - full.gather(1, targets[:, None])[:, 0]
-ref_grad = torch.softmax(full, 1)
+ref_grad = torch.zeros(R, V, device="cuda")
+ref_grad[:, :C] = torch.softmax(full, 1)
 ref_grad[torch.arange(R, device="cuda"), targets] -= 1
 ref_grad *= scale
 del full
@@ -40,7 +45,7 @@ work, results = logits.clone(), []
 for block in (2048, 4096, 8192, 16384):
     for warps in (4, 8, 16, 32):
         def run():
-            return softmax_xent_(work, targets, -1, scale, block=block, warps=warps)
+            return softmax_xent_(work, targets, -1, scale, classes=C, block=block, warps=warps)
 
         work.copy_(logits)
         loss_err = abs(run().item() - ref_loss.sum().item()) / ref_loss.sum().item()
@@ -59,7 +64,8 @@ def _one_read_kernel(logits_ptr, targets_ptr, loss_ptr, scale_ptr, stride, V, cl
     ptr = logits_ptr + row * stride
     target = tl.load(targets_ptr + row)
     cols = tl.arange(0, BLOCK)
-    x = tl.load(ptr + cols, mask=cols < classes, other=-float("inf")).to(tl.float32)
+    x = tl.load(ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+    x = tl.where(cols < classes, x, -float("inf"))
     m = tl.max(x, 0)
     picked = tl.sum(tl.where(cols == target, x, 0.0), 0)
     e = tl.exp(x - m)
@@ -76,7 +82,7 @@ for warps in (16, 32):
         losses = torch.empty(R, device="cuda")
 
         def run_one():
-            _one_read_kernel[(R,)](work, targets, losses, scale, work.stride(0), V, V,
+            _one_read_kernel[(R,)](work, targets, losses, scale, work.stride(0), V, C,
                                    BLOCK=triton.next_power_of_2(V), num_warps=warps)
             return losses.sum()
 
