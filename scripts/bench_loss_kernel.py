@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from gpt2repro.model.loss import softmax_xent_
+from gpt2repro.model.loss import _load_row, softmax_xent_
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--rows", type=int, default=8192)
@@ -64,8 +64,7 @@ def _one_read_kernel(logits_ptr, targets_ptr, loss_ptr, scale_ptr, stride, V, cl
     ptr = logits_ptr + row * stride
     target = tl.load(targets_ptr + row)
     cols = tl.arange(0, BLOCK)
-    x = tl.load(ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-    x = tl.where(cols < classes, x, -float("inf"))
+    x = _load_row(ptr, cols, V, classes)
     m = tl.max(x, 0)
     picked = tl.sum(tl.where(cols == target, x, 0.0), 0)
     e = tl.exp(x - m)

@@ -32,7 +32,7 @@ signature = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "loss_ptr": "*fp32", 
              "V": "i32", "classes": "i32", "ignore_index": "i32", "WRITE_GRAD": "constexpr", "BLOCK": "constexpr"}
 values = {"stride": args.vocab, "V": args.vocab, "classes": args.classes, "ignore_index": -1}
 names = list(signature)
-aligned = [name for name in names[:4]] + [name for name, v in values.items() if v % 16 == 0]
+aligned = names[:4] + [name for name, v in values.items() if v % 16 == 0]  # the four pointers, then integers
 attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
 for write_grad in (True, False):
     source = ASTSource(fn=_softmax_xent_kernel, signature=signature, attrs=attrs,
