@@ -21,6 +21,7 @@ from .errors import UserError
 from .eval.device import autocast
 from .model.attention import backend as attention_backend
 from .model.fused_mlp import backend as mlp_backend
+from .model.fused_norm import backend as norm_backend
 from .presets import TRAIN_PRESETS
 from .train import Trainer, build_optimizer
 from .train.launch import resolve_mixed_precision
@@ -154,6 +155,7 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
         "settings": list(overrides),
         "attention": attention_backend(device, precision, cfg.attention),
         "mlp": mlp_backend(device, precision, cfg.fused_mlp),
+        "layer_norm_backward": norm_backend(device, precision, cfg.fused_norm, cfg.bf16_residual),
         "step": step,  # ours: one CUDA graph per step, or eager and why
         "mfu_formula": MFU_FORMULA,
     }

@@ -93,6 +93,7 @@ class TrainConfig:
     loss_chunk_rows: int = 8192  # rows of logits alive at once in the training loss; 0: the full (B*T, V) logits
     recompute_gelu: bool = True  # each MLP recomputes its GELU in backward (4.5 GiB less at 124M, B=64, T=1024)
     fused_mlp: bool = True  # the GELU inside quack's matmul epilogues where installed (the [gpu] extra) and applicable
+    fused_norm: bool = True  # each Block's LayerNorm backward in quack's kernel with the residual gradient, likewise
     bf16_residual: bool = True  # under bf16 mixed precision the residual stream is bf16 (llm.c's arithmetic), not fp32:
     #                             3% faster and 1.2 GiB less at 124M, same curve (BENCHMARKS.md); false: fp32
     activation_checkpointing: bool = False  # each Block recomputes its forward in backward: far less memory, ~1/3 more compute

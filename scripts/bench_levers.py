@@ -17,6 +17,8 @@ checkpointing: every Block recomputed in backward (activation_checkpointing=true
 eager: the step launched kernel by kernel from the host (cuda_graph=false; the default replays it as one CUDA graph).
 plain-mlp: the MLP as separate matmul and GELU kernels (fused_mlp=false; the default puts the GELU in quack's
     matmul epilogues where the [gpu] extra is installed).
+plain-norm: the LayerNorm backward as the compiler writes it (fused_norm=false; the default runs quack's, with
+    the residual stream's gradient added in, where the [gpu] extra is installed).
 Levers of PyTorch's own settings:
 flash / cudnn: scaled_dot_product_attention limited to FlashAttention-2 / cuDNN attention.
 cdt: inductor's coordinate-descent tuning of its generated kernels.
@@ -63,6 +65,7 @@ SETTINGS = {  # levers of our own code: training-config overrides
     "save-gelu": ["recompute_gelu=false"], "model-compile": ["compile_scope=model"],
     "checkpointing": ["activation_checkpointing=true"], "fp32-residual": ["bf16_residual=false"],
     "eager": ["cuda_graph=false"], "plain-mlp": ["fused_mlp=false"],
+    "plain-norm": ["fused_norm=false"],
 }
 
 
@@ -110,6 +113,8 @@ def kernel_kind(name: str) -> str:
         return "attention"
     if "xent" in name:
         return "loss (softmax cross-entropy)"
+    if re.search(r"rmsnorm", name, re.I):
+        return "LayerNorm backward (quack)"
     if re.search(r"gemm|nvjet|cutlass|xmma|sm90_|_mm_|triton_tem", name):
         return "matmul"
     if re.search(r"adam|multi_tensor|foreach|norm_", name, re.I) and not name.startswith("triton"):

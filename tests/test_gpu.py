@@ -188,6 +188,59 @@ def test_mlp_with_gelu_in_the_matmul_epilogues_passes_opcheck_forward_and_backwa
     torch.library.opcheck(fused_mlp._grad_h, (grad_out, weights[2].detach(), h))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_block_with_quacks_layernorm_backward_matches_the_plain_block_in_output_and_gradients(compiled):
+    from gpt2repro.model import fused_norm
+    from gpt2repro.model.gpt import Block
+
+    x = torch.randn(4, 256, 192, device="cuda", requires_grad=True)
+    if not fused_norm.applies(x.detach().bfloat16().requires_grad_()):
+        pytest.skip("quack (the [gpu] extra) is not installed or the GPU is older than Hopper")
+    torch.manual_seed(0)
+    plain = Block(GPTConfig(n_embd=192, n_head=3), 0, fused_norm=False).cuda()
+    with torch.no_grad():
+        for ln in (plain.ln_1, plain.ln_2):
+            ln.weight.normal_(1, 0.2)
+            ln.bias.normal_(0, 0.2)
+    fused = Block(GPTConfig(n_embd=192, n_head=3), 0, fused_norm=True).cuda()
+    fused.load_state_dict(plain.state_dict())
+    grad_y = torch.randn(4, 256, 192, device="cuda")
+
+    def output_and_grads(block, autocast=True):
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            stream = x.bfloat16() if autocast else x  # a bf16 residual stream, as bf16_residual makes it
+            y = (torch.compile(block) if compiled and autocast else block)(stream)
+        y.backward(grad_y.to(y.dtype))
+        return [y.float(), x.grad] + [p.grad for p in block.parameters()]
+
+    exact = output_and_grads(plain, autocast=False)  # fp32 throughout
+    ours, reference = output_and_grads(fused), output_and_grads(plain)
+    assert all(t.dtype == torch.float32 for t in ours[2:])  # fp32 gradients for the fp32 master weights
+    for a, b, e in zip(ours, reference, exact):  # the output, then the gradients of x and of every parameter
+        error, reference_error = ((a - e).norm() / e.norm()).item(), ((b - e).norm() / e.norm()).item()
+        assert error < 2e-2 and error < 1.5 * reference_error + 1e-3  # bf16 rounding, no worse than the plain path's
+
+
+def test_quacks_layernorm_backward_passes_opcheck():
+    from gpt2repro.model import fused_norm
+
+    x, grad_out, grad_stream = torch.randn(3, 256, 192, device="cuda", dtype=torch.bfloat16).unbind(0)
+    if not fused_norm.applies(x.detach().requires_grad_()):
+        pytest.skip("quack (the [gpu] extra) is not installed or the GPU is older than Hopper")
+    mean, rstd = x.float().mean(1), x.float().var(1, correction=0).add(1e-5).rsqrt()
+    weight = torch.randn(192, device="cuda")
+    torch.library.opcheck(fused_norm._grad, (x, weight, grad_out, mean, rstd, grad_stream))
+    grad_x, partials = fused_norm._grad(x, weight, grad_out, mean, rstd, grad_stream)
+    xhat = (x.float() - mean[:, None]) * rstd[:, None]
+    g = grad_out.float() * weight
+    expected = rstd[:, None] * (g - g.mean(1, keepdim=True) - xhat * (g * xhat).mean(1, keepdim=True))
+    torch.testing.assert_close(grad_x.float(), expected + grad_stream.float(), rtol=2e-2, atol=2e-2)  # bf16 output
+    column_sums = torch.stack([(grad_out.float() * xhat).sum(0), grad_out.float().sum(0)])  # weight, bias
+    torch.testing.assert_close(partials.sum(1), column_sums, rtol=1e-4, atol=1e-3)
+
+
 def test_precompile_compiles_the_backward_kernels_a_larger_batch_then_uses():
     from gpt2repro.model import attention
 

@@ -223,18 +223,19 @@ def test_loading_weights_of_another_shape_names_the_mismatch():
         deeper.load_weights(state)
 
 
-def test_fused_mlp_takes_the_plain_path_bit_for_bit_where_quacks_kernels_do_not_apply():
-    from gpt2repro.model import fused_mlp
+def test_quack_kernels_leave_the_plain_path_bit_for_bit_where_they_do_not_apply():
+    from gpt2repro.model import fused_mlp, fused_norm
 
     torch.manual_seed(0)
-    plain = GPT(TINY, fused_mlp=False)
-    fused = GPT(TINY, fused_mlp=True)
+    plain = GPT(TINY, fused_mlp=False, fused_norm=False)
+    fused = GPT(TINY, fused_mlp=True, fused_norm=True)
     fused.load_state_dict(plain.state_dict())
     idx = torch.randint(0, 50257, (2, 16))
+    bf16 = torch.zeros(2, 16, dtype=torch.bfloat16, requires_grad=True)
     for autocast in (False, True):  # CPU fp32, and CPU bf16 autocast
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             losses = [m(idx, idx.roll(-1, dims=1))[1] for m in (plain, fused)]
-            assert not fused_mlp.applies(torch.zeros(2, 16, dtype=torch.bfloat16, requires_grad=True))
+            assert not fused_mlp.applies(bf16) and not fused_norm.applies(bf16)
         for loss in losses:
             loss.backward()
         assert torch.equal(*losses)
@@ -242,3 +243,56 @@ def test_fused_mlp_takes_the_plain_path_bit_for_bit_where_quacks_kernels_do_not_
         plain.zero_grad()
         fused.zero_grad()
     assert fused_mlp.backend(torch.device("cpu"), "bf16") == "separate matmul and GELU kernels"
+    assert fused_norm.backend(torch.device("cpu"), "bf16") == "compiled from PyTorch's"
+
+
+def _layer_norm_backward(x, weight, dout, rstd, dx, dw_partial, db_partial, dresidual_out, dresidual, *, mean,
+                         is_layernorm):
+    """quack's LayerNorm backward's contract, written in PyTorch: dx = dresidual_out + the input gradient, and
+    the weight and bias gradients as partial sums over consecutive row blocks."""
+    assert is_layernorm and dresidual is None
+    xhat = (x.float() - mean[:, None]) * rstd[:, None]
+    g = dout.float() * weight.float()
+    grad = rstd[:, None] * (g - g.mean(1, keepdim=True) - xhat * (g * xhat).mean(1, keepdim=True))
+    dx.copy_(grad + dresidual_out.float())
+    for p, rows in enumerate(torch.arange(x.size(0)).tensor_split(dw_partial.size(0))):
+        dw_partial[p] = (dout.float() * xhat)[rows].sum(0)
+        db_partial[p] = dout.float()[rows].sum(0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_layer_norm_fork_sends_the_stream_and_layernorm_gradients_through_one_backward(monkeypatch, compiled):
+    # the fused path's plumbing on CPU, with quack's kernel replaced by its contract written in PyTorch
+    from gpt2repro.model import fused_norm, gpt
+
+    monkeypatch.setattr(fused_norm, "_kernels", lambda: (_layer_norm_backward, lambda C, device: 3))
+    monkeypatch.setattr(gpt, "fused_norm_applies", lambda x: True)
+    torch.manual_seed(0)
+    plain, fused = gpt.Block(TINY, 0, fused_norm=False), gpt.Block(TINY, 0, fused_norm=True)
+    with torch.no_grad():
+        for ln in (plain.ln_1, plain.ln_2):
+            ln.weight.normal_(1, 0.5)
+            ln.bias.normal_(0, 0.5)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 16, 16, requires_grad=True)
+    grad_y = torch.randn(2, 16, 16)
+
+    def output_and_grads(block):
+        x.grad = None
+        y = (torch.compile(block, backend="aot_eager", fullgraph=True) if compiled else block)(x)
+        y.backward(grad_y)
+        return [y, x.grad] + [p.grad for p in block.parameters()]
+
+    ours, reference = output_and_grads(fused), output_and_grads(plain)
+    assert torch.equal(ours[0], reference[0])  # the same forward
+    for a, b in zip(ours[1:], reference[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # fp32, summed in another order
+
+
+def test_layer_norm_backward_operator_passes_opcheck(monkeypatch):
+    from gpt2repro.model import fused_norm
+
+    monkeypatch.setattr(fused_norm, "_kernels", lambda: (_layer_norm_backward, lambda C, device: 3))
+    x, grad_out, grad_stream = torch.randn(3, 10, 16).unbind(0)
+    mean, rstd = x.mean(1), x.var(1, correction=0).add(1e-5).rsqrt()
+    torch.library.opcheck(fused_norm._grad, (x, torch.randn(16), grad_out, mean, rstd, grad_stream))

@@ -87,7 +87,8 @@ def _available(device_index: int) -> bool:
     return _kernels() is not None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def _on(device: torch.device) -> bool:
+def quack_runs_on(device: torch.device) -> bool:
+    """Whether quack is installed and this is a CUDA GPU of compute capability 9.0 or newer."""
     return device.type == "cuda" and _available(device.index)
 
 
@@ -95,7 +96,8 @@ def applies(x: torch.Tensor) -> bool:
     """Whether the fused MLP takes this (..., C) input: quack installed, a CUDA GPU of compute
     capability 9.0 or newer, bf16 compute, C a multiple of 8, and gradients on (generation and
     evaluation, whose row counts vary from call to call, keep the plain path)."""
-    return compute_dtype(x) == torch.bfloat16 and x.size(-1) % 8 == 0 and torch.is_grad_enabled() and _on(x.device)
+    return (compute_dtype(x) == torch.bfloat16 and x.size(-1) % 8 == 0 and torch.is_grad_enabled()
+            and quack_runs_on(x.device))
 
 
 def gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear) -> torch.Tensor:
@@ -109,5 +111,5 @@ def gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear) -> torch.Tenso
 def backend(device: torch.device, mixed_precision: str, fused: bool = True) -> str:
     """The MLP kernels that training under `mixed_precision` with the model's `fused_mlp` setting uses
     on this device, for logs and benchmark reports."""
-    on = fused and mixed_precision == "bf16" and _on(device)
+    on = fused and mixed_precision == "bf16" and quack_runs_on(device)
     return "GELU in quack's matmul epilogues" if on else "separate matmul and GELU kernels"

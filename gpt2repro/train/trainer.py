@@ -36,6 +36,7 @@ from ..model import GPT
 from ..model.attention import backend as attention_backend
 from ..model.attention import precompile as precompile_attention
 from ..model.fused_mlp import backend as mlp_backend
+from ..model.fused_norm import backend as norm_backend
 from ..run_dir import RunDir
 from . import state as training_state
 from .graph import EAGER_STEPS, GraphedStep, graph_blocker
@@ -106,7 +107,7 @@ class Trainer:
         # the same seed on every process: identical initial weights without a broadcast
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model, attention=cfg.attention, loss_chunk_rows=cfg.loss_chunk_rows,
-                    recompute_gelu=cfg.recompute_gelu, fused_mlp=cfg.fused_mlp,
+                    recompute_gelu=cfg.recompute_gelu, fused_mlp=cfg.fused_mlp, fused_norm=cfg.fused_norm,
                     activation_checkpointing=cfg.activation_checkpointing,
                     bf16_residual=cfg.bf16_residual)
         saved = load_checkpoint(checkpoint, cfg.model) if checkpoint is not None else None
@@ -316,6 +317,8 @@ class Trainer:
                     "on" if cfg.activation_checkpointing else "off")
         logger.info("attention: %s", attention_backend(self.device, acc.mixed_precision, cfg.attention))
         logger.info("MLP: %s", mlp_backend(self.device, acc.mixed_precision, cfg.fused_mlp))
+        logger.info("LayerNorm backward: %s",
+                    norm_backend(self.device, acc.mixed_precision, cfg.fused_norm, cfg.bf16_residual))
         logger.info("step: %s", self.step_mode)
         if self.resumed_from:
             logger.info("resumed from %s at step %d", self.resumed_from, self.step)
