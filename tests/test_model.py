@@ -289,6 +289,25 @@ def test_layer_norm_fork_sends_the_stream_and_layernorm_gradients_through_one_ba
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # fp32, summed in another order
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_model_with_layer_norm_forks_matches_the_plain_model(monkeypatch, checkpointing):
+    from gpt2repro.model import fused_norm, gpt
+
+    monkeypatch.setattr(fused_norm, "_kernels", lambda: (_layer_norm_backward, lambda C, device: 3))
+    monkeypatch.setattr(gpt, "fused_norm_applies", lambda x: torch.is_grad_enabled())
+    torch.manual_seed(0)
+    plain = GPT(TINY, fused_norm=False, activation_checkpointing=checkpointing)
+    fused = GPT(TINY, fused_norm=True, activation_checkpointing=checkpointing)
+    fused.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 50257, (2, 16))
+    losses = [m(idx, idx.roll(-1, dims=1))[1] for m in (plain, fused)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(*losses)
+    for a, b in zip(plain.parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_layer_norm_backward_operator_passes_opcheck(monkeypatch):
     from gpt2repro.model import fused_norm
 
