@@ -260,12 +260,19 @@ def _layer_norm_backward(x, weight, dout, rstd, dx, dw_partial, db_partial, dres
         db_partial[p] = dout.float()[rows].sum(0)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_layer_norm_fork_sends_the_stream_and_layernorm_gradients_through_one_backward(monkeypatch, compiled):
-    # the fused path's plumbing on CPU, with quack's kernel replaced by its contract written in PyTorch
-    from gpt2repro.model import fused_norm, gpt
+@pytest.fixture
+def reference_layer_norm_kernel(monkeypatch):
+    """fused_norm on CPU, with quack's kernel replaced by its contract written in PyTorch (3 partial-sum rows)."""
+    from gpt2repro.model import fused_norm
 
     monkeypatch.setattr(fused_norm, "_kernels", lambda: (_layer_norm_backward, lambda C, device: 3))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_layer_norm_fork_sends_the_stream_and_layernorm_gradients_through_one_backward(monkeypatch, compiled,
+                                                                                      reference_layer_norm_kernel):
+    from gpt2repro.model import gpt  # the fused path's plumbing on CPU
+
     monkeypatch.setattr(gpt, "fused_norm_applies", lambda x: True)
     torch.manual_seed(0)
     plain, fused = gpt.Block(TINY, 0, fused_norm=False), gpt.Block(TINY, 0, fused_norm=True)
@@ -290,10 +297,9 @@ def test_layer_norm_fork_sends_the_stream_and_layernorm_gradients_through_one_ba
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_model_with_layer_norm_forks_matches_the_plain_model(monkeypatch, checkpointing):
-    from gpt2repro.model import fused_norm, gpt
+def test_model_with_layer_norm_forks_matches_the_plain_model(monkeypatch, checkpointing, reference_layer_norm_kernel):
+    from gpt2repro.model import gpt
 
-    monkeypatch.setattr(fused_norm, "_kernels", lambda: (_layer_norm_backward, lambda C, device: 3))
     monkeypatch.setattr(gpt, "fused_norm_applies", lambda x: torch.is_grad_enabled())
     torch.manual_seed(0)
     plain = GPT(TINY, fused_norm=False, activation_checkpointing=checkpointing)
@@ -308,10 +314,9 @@ def test_model_with_layer_norm_forks_matches_the_plain_model(monkeypatch, checkp
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_layer_norm_backward_operator_passes_opcheck(monkeypatch):
+def test_layer_norm_backward_operator_passes_opcheck(reference_layer_norm_kernel):
     from gpt2repro.model import fused_norm
 
-    monkeypatch.setattr(fused_norm, "_kernels", lambda: (_layer_norm_backward, lambda C, device: 3))
     x, grad_out, grad_stream = torch.randn(3, 10, 16).unbind(0)
     mean, rstd = x.mean(1), x.var(1, correction=0).add(1e-5).rsqrt()
     torch.library.opcheck(fused_norm._grad, (x, torch.randn(16), grad_out, mean, rstd, grad_stream))
