@@ -148,11 +148,13 @@ def _mlp_pair():
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_mlp_with_gelu_in_the_matmul_epilogues_matches_the_plain_mlp_in_output_and_gradients(compiled):
+@pytest.mark.parametrize("residual", [False, True])
+def test_mlp_with_gelu_in_the_matmul_epilogues_matches_the_plain_mlp_in_output_and_gradients(compiled, residual):
     from gpt2repro.model import fused_mlp
 
     plain, fused = _mlp_pair()
     x = torch.randn(4, 256, 192, device="cuda", requires_grad=True)
+    stream = torch.randn(4, 256, 192, device="cuda", requires_grad=True)  # the block's residual stream
     with torch.autocast("cuda", torch.bfloat16):
         if not fused_mlp.applies(x):
             pytest.skip("quack (the [gpu] extra) is not installed or the GPU is older than Hopper")
@@ -160,16 +162,21 @@ def test_mlp_with_gelu_in_the_matmul_epilogues_matches_the_plain_mlp_in_output_a
 
     def output_and_grads(module, autocast=True):
         module.zero_grad(set_to_none=True)
-        x.grad = None
+        x.grad = stream.grad = None
         with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-            y = (torch.compile(module) if compiled and autocast else module)(x)
-        y.backward(grad_y)
-        return [y.float(), x.grad] + [p.grad for p in module.parameters()]
+            run = torch.compile(module) if compiled and autocast else module
+            if residual:  # added in c_proj's epilogue by the fused MLP; a bf16 stream, as bf16_residual makes it
+                y = run(x, residual=stream.bfloat16() if autocast else stream)
+            else:
+                y = run(x)
+        y.backward(grad_y.to(y.dtype))
+        return [y.float(), x.grad] + [p.grad for p in module.parameters()] + ([stream.grad] if residual else [])
 
     exact = output_and_grads(plain, autocast=False)  # fp32 throughout
     ours, reference = output_and_grads(fused), output_and_grads(plain)
     assert all(t.dtype == torch.float32 for t in ours[1:])  # fp32 gradients for the fp32 master weights
-    for a, b, e in zip(ours, reference, exact):  # output, then the gradients of x, c_fc's and c_proj's weights and biases
+    # output, then the gradients of x, c_fc's and c_proj's weights and biases (and of the stream)
+    for a, b, e in zip(ours, reference, exact):
         error, reference_error = ((a - e).norm() / e.norm()).item(), ((b - e).norm() / e.norm()).item()
         assert error < 1e-2 and error < 1.5 * reference_error + 1e-3  # bf16 rounding, no worse than the plain path's
 
@@ -183,7 +190,8 @@ def test_mlp_with_gelu_in_the_matmul_epilogues_passes_opcheck_forward_and_backwa
             pytest.skip("quack (the [gpu] extra) is not installed or the GPU is older than Hopper")
     weights = [torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) / 16
                for shape in ((768, 192), (768,), (192, 768), (192,))]
-    torch.library.opcheck(fused_mlp._mlp, (x.requires_grad_(), *weights))
+    torch.library.opcheck(fused_mlp._mlp, (x.requires_grad_(), *weights, None))
+    torch.library.opcheck(fused_mlp._mlp, (x, *weights, torch.randn_like(x).requires_grad_()))
     grad_out, h = torch.randn_like(x), torch.randn(256, 768, device="cuda", dtype=torch.bfloat16)
     torch.library.opcheck(fused_mlp._grad_h, (grad_out, weights[2].detach(), h))
 

@@ -8,9 +8,11 @@ and with gradients on:
   it by GELU'(h) in its epilogue, and writes GELU(h) again for c_proj's weight gradient.
 
 So no GELU kernel runs on its own in either direction, and only h is kept, as with `recompute_gelu`.
-The other four matmuls are cuBLAS's, as in the plain path. Both paths compute GPT-2's tanh GELU in
-fp32 and differ only in rounding: here the GELU and its derivative take the matmul's fp32 result
-before it is rounded to bf16.
+Given the block's bf16 residual stream, c_proj's matmul is quack's too: its epilogue adds c_proj's bias
+and the stream to the fp32 product, so the block's output is rounded to bf16 once and no add kernel
+runs after it. The other matmuls are cuBLAS's, as in the plain path. Both paths compute GPT-2's tanh
+GELU in fp32 and differ only in rounding: here the GELU and its derivative take the matmul's fp32
+result before it is rounded to bf16.
 
 The forward and quack's backward matmul are custom operators, opaque to `torch.compile`; the rest of
 the backward (the other three matmuls and the bias gradients) is traced, so the compiler writes the
@@ -32,26 +34,30 @@ GELU = "gelu_tanh_approx"  # quack's name for GPT-2's gelu_new
 
 @functools.cache
 def _kernels():
-    """quack's (gemm_act, gemm_dact), or None where it is not installed (imported on first use: it
+    """quack's (gemm_act, gemm_dact, gemm_add), or None where it is not installed (imported on first use: it
     loads the CuTe DSL compiler)."""
     try:
-        from quack.gemm_interface import gemm_act, gemm_dact
+        from quack.gemm_interface import gemm_act, gemm_add, gemm_dact
     except ImportError:
         return None
-    return gemm_act, gemm_dact
+    return gemm_act, gemm_dact, gemm_add
 
 
 @torch.library.custom_op("gpt2repro::gelu_mlp", mutates_args=(), device_types="cuda")
-def _mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor, w_proj: torch.Tensor,
-         b_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, C) -> (output (N, C), pre-activation h (N, 4C)), all bf16."""
+def _mlp(x: torch.Tensor, w_fc: torch.Tensor, b_fc: torch.Tensor, w_proj: torch.Tensor, b_proj: torch.Tensor,
+         residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, C) -> (output (N, C), pre-activation h (N, 4C)), all bf16; the output includes `residual`
+    (N, C) where one is given."""
     wait_for_precompile()  # flash-attn-4's, in another thread: the CuTe DSL compiles one kernel at a time
-    h, g = _kernels()[0](x, w_fc.t(), bias=b_fc, activation=GELU)  # h = x W_fc^T + b_fc, g = GELU(h)
-    return torch.addmm(b_proj, g, w_proj.t()), h
+    gemm_act, _, gemm_add = _kernels()
+    h, g = gemm_act(x, w_fc.t(), bias=b_fc, activation=GELU)  # h = x W_fc^T + b_fc, g = GELU(h)
+    if residual is None:
+        return torch.addmm(b_proj, g, w_proj.t()), h
+    return gemm_add(g, w_proj.t(), residual, bias=b_proj), h  # residual + g W_proj^T + b_proj, rounded once
 
 
 @_mlp.register_fake
-def _(x, w_fc, b_fc, w_proj, b_proj):
+def _(x, w_fc, b_fc, w_proj, b_proj, residual):
     return x.new_empty(x.size(0), w_proj.size(0)), x.new_empty(x.size(0), w_fc.size(0))
 
 
@@ -68,7 +74,8 @@ def _(grad_out, w_proj, h):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_fc, _, w_proj, _ = inputs
+    x, w_fc, _, w_proj, _, residual = inputs
+    ctx.has_residual = residual is not None
     ctx.save_for_backward(x, w_fc, w_proj, output[1])
 
 
@@ -76,7 +83,8 @@ def _backward(ctx, grad_out, _):  # h is an output only to be saved, so no gradi
     x, w_fc, w_proj, h = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     grad_h, g = _grad_h(grad_out, w_proj, h)
-    return grad_h @ w_fc, grad_h.t() @ x, grad_h.sum(0), grad_out.t() @ g, grad_out.sum(0)
+    grad_residual = grad_out if ctx.has_residual else None
+    return grad_h @ w_fc, grad_h.t() @ x, grad_h.sum(0), grad_out.t() @ g, grad_out.sum(0), grad_residual
 
 
 _mlp.register_autograd(_backward, setup_context=_setup_context)
@@ -100,11 +108,13 @@ def applies(x: torch.Tensor) -> bool:
             and quack_runs_on(x.device))
 
 
-def gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear) -> torch.Tensor:
-    """c_proj(GELU(c_fc(x))) for (..., C) x, in bf16 with the GELU in the matmul epilogues."""
+def gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """c_proj(GELU(c_fc(x))) (+ residual, a bf16 tensor of x's shape) for (..., C) x, in bf16 with the GELU
+    in the matmul epilogues."""
     bf16 = torch.bfloat16
     weights = (t.to(bf16) for t in (c_fc.weight, c_fc.bias, c_proj.weight, c_proj.bias))  # autocast's casts
-    out, _ = _mlp(x.reshape(-1, x.size(-1)).to(bf16), *weights)
+    rows = (-1, x.size(-1))
+    out, _ = _mlp(x.reshape(rows).to(bf16), *weights, None if residual is None else residual.reshape(rows))
     return out.view(x.shape)
 
 

@@ -9,10 +9,11 @@ levers), never what it computes: `attention` ("auto": cuDNN + FlashAttention-4 w
 else PyTorch's SDPA; "sdpa": always SDPA), `loss_chunk_rows` (rows of logits alive at once in the
 training loss; 0 computes the full logits), `recompute_gelu` (each MLP recomputes its GELU in
 backward), `fused_mlp` (the MLP's GELU inside quack's matmul epilogues where they apply, which
-also recompute it), `fused_norm` (each Block's LayerNorm backward in quack's kernel, with the residual
-stream's gradient added in, where it applies), `activation_checkpointing` (each Block recomputes its
-whole forward in backward) and `bf16_residual` (under bf16 autocast the residual stream is bf16
-instead of fp32: the same function, rounded as llm.c rounds it).
+also recompute it and add the bf16 residual stream), `fused_norm` (each Block's LayerNorm backward in
+quack's kernel, with the residual stream's gradient added in, where it applies),
+`activation_checkpointing` (each Block recomputes its whole forward in backward) and `bf16_residual`
+(under bf16 autocast the residual stream is bf16 instead of fp32: the same function, rounded as llm.c
+rounds it).
 """
 
 from __future__ import annotations
@@ -90,15 +91,20 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of x, plus `residual` where one is given."""
         if self.fused and fused_mlp_applies(x):
-            return gelu_mlp(x, self.c_fc, self.c_proj)
+            if residual is None or residual.dtype == torch.bfloat16:  # quack's epilogue adds a bf16 stream
+                return gelu_mlp(x, self.c_fc, self.c_proj, residual)
+            return residual + gelu_mlp(x, self.c_fc, self.c_proj)
         h = self.c_fc(x)
         if self.recompute_gelu and torch.is_grad_enabled() and h.requires_grad:
             # backward recomputes the GELU from h instead of keeping its output: 2 bytes x 4C per token
             # and layer less memory (4.5 GiB at the 124M model's B=64, T=1024) for ~1% more GPU time
-            return self.c_proj(checkpoint(self.act, h, use_reentrant=False))
-        return self.c_proj(self.act(h))
+            y = self.c_proj(checkpoint(self.act, h, use_reentrant=False))
+        else:
+            y = self.c_proj(self.act(h))
+        return y if residual is None else residual + y
 
 
 class Block(nn.Module):
@@ -117,7 +123,7 @@ class Block(nn.Module):
         x, h = self._norm(x, self.ln_1)
         x = x + self.attn(h, kv_cache)
         x, h = self._norm(x, self.ln_2)
-        return x + self.mlp(h)
+        return self.mlp(h, residual=x)
 
     def _norm(self, x: torch.Tensor, ln: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, ln(x)); where quack's kernel applies, ln's backward also adds the skip connection's gradient."""
