@@ -154,7 +154,7 @@ def run_bench(batch: int = 64, seq: int = 1024, steps: int = 20, warmup: int = 5
         "model": f"{cfg.model.n_layer} layers x {cfg.model.n_embd}",
         "settings": list(overrides),
         "attention": attention_backend(device, precision, cfg.attention),
-        "mlp": mlp_backend(device, precision, cfg.fused_mlp),
+        "mlp": mlp_backend(device, precision, cfg.fused_mlp, cfg.fused_residual and cfg.bf16_residual),
         "layer_norm_backward": norm_backend(device, precision, cfg.fused_norm, cfg.bf16_residual),
         "step": step,  # ours: one CUDA graph per step, or eager and why
         "mfu_formula": MFU_FORMULA,

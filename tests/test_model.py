@@ -228,7 +228,7 @@ def test_quack_kernels_leave_the_plain_path_bit_for_bit_where_they_do_not_apply(
 
     torch.manual_seed(0)
     plain = GPT(TINY, fused_mlp=False, fused_norm=False)
-    fused = GPT(TINY, fused_mlp=True, fused_norm=True)
+    fused = GPT(TINY, fused_mlp=True, fused_norm=True, fused_residual=True)
     fused.load_state_dict(plain.state_dict())
     idx = torch.randint(0, 50257, (2, 16))
     bf16 = torch.zeros(2, 16, dtype=torch.bfloat16, requires_grad=True)

@@ -8,7 +8,7 @@ and with gradients on:
   it by GELU'(h) in its epilogue, and writes GELU(h) again for c_proj's weight gradient.
 
 So no GELU kernel runs on its own in either direction, and only h is kept, as with `recompute_gelu`.
-Given the block's bf16 residual stream, c_proj's matmul is quack's too: its epilogue adds c_proj's bias
+Given the block's bf16 residual stream (`fused_residual`), c_proj's matmul is quack's too: its epilogue adds c_proj's bias
 and the stream to the fp32 product, so the block's output is rounded to bf16 once and no add kernel
 runs after it. The other matmuls are cuBLAS's, as in the plain path. Both paths compute GPT-2's tanh
 GELU in fp32 and differ only in rounding: here the GELU and its derivative take the matmul's fp32
@@ -118,8 +118,9 @@ def gelu_mlp(x: torch.Tensor, c_fc: nn.Linear, c_proj: nn.Linear, residual: torc
     return out.view(x.shape)
 
 
-def backend(device: torch.device, mixed_precision: str, fused: bool = True) -> str:
-    """The MLP kernels that training under `mixed_precision` with the model's `fused_mlp` setting uses
-    on this device, for logs and benchmark reports."""
-    on = fused and mixed_precision == "bf16" and quack_runs_on(device)
-    return "GELU in quack's matmul epilogues" if on else "separate matmul and GELU kernels"
+def backend(device: torch.device, mixed_precision: str, fused: bool = True, residual: bool = False) -> str:
+    """The MLP kernels that training under `mixed_precision` with the model's `fused_mlp` setting (and
+    `fused_residual` with a bf16 stream: `residual`) uses on this device, for logs and benchmark reports."""
+    if not (fused and mixed_precision == "bf16" and quack_runs_on(device)):
+        return "separate matmul and GELU kernels"
+    return "GELU and the residual add in quack's matmul epilogues" if residual else "GELU in quack's matmul epilogues"

@@ -9,8 +9,9 @@ levers), never what it computes: `attention` ("auto": cuDNN + FlashAttention-4 w
 else PyTorch's SDPA; "sdpa": always SDPA), `loss_chunk_rows` (rows of logits alive at once in the
 training loss; 0 computes the full logits), `recompute_gelu` (each MLP recomputes its GELU in
 backward), `fused_mlp` (the MLP's GELU inside quack's matmul epilogues where they apply, which
-also recompute it and add the bf16 residual stream), `fused_norm` (each Block's LayerNorm backward in
-quack's kernel, with the residual stream's gradient added in, where it applies),
+also recompute it), `fused_residual` (with `fused_mlp`, the MLP's last matmul also adds the bf16
+residual stream), `fused_norm` (each Block's LayerNorm backward in quack's kernel, with the residual
+stream's gradient added in, where it applies),
 `activation_checkpointing` (each Block recomputes its whole forward in backward) and `bf16_residual`
 (under bf16 autocast the residual stream is bf16 instead of fp32: the same function, rounded as llm.c
 rounds it).
@@ -111,8 +112,9 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, config: GPTConfig, layer: int, fused_attention: bool = True, recompute_gelu: bool = True,
-                 fused_mlp: bool = True, fused_norm: bool = True):
+                 fused_mlp: bool = True, fused_norm: bool = True, fused_residual: bool = False):
         super().__init__()
+        self.fused_residual = fused_residual  # hand the stream to the MLP, whose last matmul may add it (fused_mlp.py)
         self.fused_norm = fused_norm  # allow quack's LayerNorm backward where it applies (fused_norm.py)
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.attn = CausalSelfAttention(config, layer, fused_attention)
@@ -123,7 +125,7 @@ class Block(nn.Module):
         x, h = self._norm(x, self.ln_1)
         x = x + self.attn(h, kv_cache)
         x, h = self._norm(x, self.ln_2)
-        return self.mlp(h, residual=x)
+        return self.mlp(h, residual=x) if self.fused_residual else x + self.mlp(h)
 
     def _norm(self, x: torch.Tensor, ln: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, ln(x)); where quack's kernel applies, ln's backward also adds the skip connection's gradient."""
@@ -152,7 +154,7 @@ def _final_loss(model: "GPT", x: torch.Tensor, targets: torch.Tensor) -> torch.T
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, *, attention: str = "auto", loss_chunk_rows: int = CHUNK_ROWS,
                  recompute_gelu: bool = True, activation_checkpointing: bool = False, bf16_residual: bool = False,
-                 fused_mlp: bool = True, fused_norm: bool = True):
+                 fused_mlp: bool = True, fused_norm: bool = True, fused_residual: bool = False):
         super().__init__()
         if attention not in ATTENTION_KINDS:
             raise UserError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
@@ -166,7 +168,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
                 h=nn.ModuleList([Block(config, i, attention == "auto", recompute_gelu and not activation_checkpointing,
-                                       fused_mlp, fused_norm) for i in range(config.n_layer)]),
+                                       fused_mlp, fused_norm, fused_residual) for i in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=1e-5),
             )
         )

@@ -108,7 +108,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model, attention=cfg.attention, loss_chunk_rows=cfg.loss_chunk_rows,
                     recompute_gelu=cfg.recompute_gelu, fused_mlp=cfg.fused_mlp, fused_norm=cfg.fused_norm,
-                    activation_checkpointing=cfg.activation_checkpointing,
+                    fused_residual=cfg.fused_residual, activation_checkpointing=cfg.activation_checkpointing,
                     bf16_residual=cfg.bf16_residual)
         saved = load_checkpoint(checkpoint, cfg.model) if checkpoint is not None else None
         if saved is not None:
@@ -316,7 +316,8 @@ class Trainer:
                     acc.distributed_type.value, self.device, precision, compiled,
                     "on" if cfg.activation_checkpointing else "off")
         logger.info("attention: %s", attention_backend(self.device, acc.mixed_precision, cfg.attention))
-        logger.info("MLP: %s", mlp_backend(self.device, acc.mixed_precision, cfg.fused_mlp))
+        logger.info("MLP: %s", mlp_backend(self.device, acc.mixed_precision, cfg.fused_mlp,
+                                           cfg.fused_residual and cfg.bf16_residual))
         logger.info("LayerNorm backward: %s",
                     norm_backend(self.device, acc.mixed_precision, cfg.fused_norm, cfg.bf16_residual))
         logger.info("step: %s", self.step_mode)
