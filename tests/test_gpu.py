@@ -196,6 +196,29 @@ def test_mlp_with_gelu_in_the_matmul_epilogues_passes_opcheck_forward_and_backwa
     torch.library.opcheck(fused_mlp._grad_h, (grad_out, weights[2].detach(), h))
 
 
+def test_model_with_the_residual_add_in_the_mlps_last_matmul_matches_the_default_model():
+    from gpt2repro.model import fused_mlp
+
+    x = torch.zeros(1, 192, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        if not fused_mlp.applies(x):
+            pytest.skip("quack (the [gpu] extra) is not installed or the GPU is older than Hopper")
+    config = GPTConfig(block_size=256, n_layer=2, n_head=3, n_embd=192)
+    torch.manual_seed(0)
+    models = [GPT(config, bf16_residual=True, fused_residual=on).cuda() for on in (False, True)]
+    models[1].load_state_dict(models[0].state_dict())
+    idx = torch.randint(0, 50257, (4, 256), device="cuda")
+    losses = []
+    for model in models:
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = model(idx, idx.roll(-1, dims=1))[1]
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[1] - losses[0]) < 1e-3 * losses[0]  # one rounding of the block's output fewer
+    for a, b in zip(models[1].parameters(), models[0].parameters()):
+        assert ((a.grad - b.grad).norm() / b.grad.norm()).item() < 2e-2  # bf16 gradients, rounded differently
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_block_with_quacks_layernorm_backward_matches_the_plain_block_in_output_and_gradients(compiled):
     from gpt2repro.model import fused_norm
