@@ -8,11 +8,11 @@ and with gradients on:
   it by GELU'(h) in its epilogue, and writes GELU(h) again for c_proj's weight gradient.
 
 So no GELU kernel runs on its own in either direction, and only h is kept, as with `recompute_gelu`.
-Given the block's bf16 residual stream (`fused_residual`), c_proj's matmul is quack's too: its epilogue adds c_proj's bias
-and the stream to the fp32 product, so the block's output is rounded to bf16 once and no add kernel
-runs after it. The other matmuls are cuBLAS's, as in the plain path. Both paths compute GPT-2's tanh
-GELU in fp32 and differ only in rounding: here the GELU and its derivative take the matmul's fp32
-result before it is rounded to bf16.
+Given the block's bf16 residual stream (`fused_residual`), c_proj's matmul is quack's too: its
+epilogue adds c_proj's bias and the stream to the fp32 product, so the block's output is rounded to
+bf16 once and no add kernel runs after it. The other matmuls are cuBLAS's, as in the plain path. Both
+paths compute GPT-2's tanh GELU in fp32 and differ only in rounding: here the GELU and its derivative
+take the matmul's fp32 result before it is rounded to bf16.
 
 The forward and quack's backward matmul are custom operators, opaque to `torch.compile`; the rest of
 the backward (the other three matmuls and the bias gradients) is traced, so the compiler writes the

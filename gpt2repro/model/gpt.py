@@ -11,10 +11,9 @@ training loss; 0 computes the full logits), `recompute_gelu` (each MLP recompute
 backward), `fused_mlp` (the MLP's GELU inside quack's matmul epilogues where they apply, which
 also recompute it), `fused_residual` (with `fused_mlp`, the MLP's last matmul also adds the bf16
 residual stream), `fused_norm` (each Block's LayerNorm backward in quack's kernel, with the residual
-stream's gradient added in, where it applies),
-`activation_checkpointing` (each Block recomputes its whole forward in backward) and `bf16_residual`
-(under bf16 autocast the residual stream is bf16 instead of fp32: the same function, rounded as llm.c
-rounds it).
+stream's gradient added in, where it applies), `activation_checkpointing` (each Block recomputes its
+whole forward in backward) and `bf16_residual` (under bf16 autocast the residual stream is bf16
+instead of fp32: the same function, rounded as llm.c rounds it).
 """
 
 from __future__ import annotations
