@@ -471,7 +471,6 @@ def test_trackers_get_the_wandb_project_run_name_and_tags(data_dir, tmp_path, mo
     monkeypatch.setattr(Accelerator, "init_trackers", lambda self, project, config=None, init_kwargs=None:
                         calls.append((project, config, init_kwargs)))
     monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None: None)
-    monkeypatch.setattr(Accelerator, "end_training", lambda self: None)
     train(small_config("max_steps=2", "log_with=tensorboard", "wandb_project=gpt2-small", "wandb_tags=[a, b]",
                        "val_every=0", "sample_every=0"), data_dir, tmp_path / "run")
     (project, config, init_kwargs), = calls

@@ -392,8 +392,8 @@ class Trainer:
                 self.hub.push(saved or latest_checkpoint(self.run.checkpoints))
             self.hub.finish()
         progress.close()
-        if cfg.log_with:
-            acc.end_training()
+        for tracker in acc.trackers:  # not end_training(): train() ends the process group, once every process is here
+            tracker.finish()
         if not stopped:
             progress.write(f"done: {self.step} steps in {format_duration(progress.elapsed())} "
                            f"(this invocation, evaluation included)")
@@ -411,4 +411,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path) -> Traine
                         format="%(message)s", stream=sys.stdout, force=True)
     trainer = Trainer(cfg, data_dir, run_dir)
     trainer.finished = trainer.fit()
+    # a process that exits with its Gloo group alive can abort in the group's threads ("terminate called ...")
+    state.wait_for_everyone()
+    state.destroy_process_group()
     return trainer
