@@ -94,7 +94,7 @@ class TrainConfig:
     recompute_gelu: bool = True  # each MLP recomputes its GELU in backward (4.5 GiB less at 124M, B=64, T=1024)
     fused_mlp: bool = True  # the GELU inside quack's matmul epilogues where installed (the [gpu] extra) and applicable
     fused_norm: bool = True  # each Block's LayerNorm backward in quack's kernel with the residual gradient, likewise
-    fused_residual: bool = False  # with fused_mlp and bf16_residual: the MLP's last matmul adds the residual stream
+    fused_residual: bool = True  # with fused_mlp and bf16_residual: the MLP's last matmul adds the residual stream
     #                               in its epilogue (0.65% faster at 124M; its curve is in BENCHMARKS.md)
     bf16_residual: bool = True  # under bf16 mixed precision the residual stream is bf16 (llm.c's arithmetic), not fp32:
     #                             3% faster and 1.2 GiB less at 124M, same curve (BENCHMARKS.md); false: fp32

@@ -17,7 +17,8 @@ checkpointing: every Block recomputed in backward (activation_checkpointing=true
 eager: the step launched kernel by kernel from the host (cuda_graph=false; the default replays it as one CUDA graph).
 plain-mlp: the MLP as separate matmul and GELU kernels (fused_mlp=false; the default puts the GELU in quack's
     matmul epilogues where the [gpu] extra is installed).
-fused-residual: quack's MLP also adds the bf16 residual stream in its last matmul's epilogue (fused_residual=true).
+add-after-mlp: each Block adds the MLP's output to the residual stream in a kernel of its own (fused_residual=false;
+    the default has quack's MLP add the bf16 stream in its last matmul's epilogue).
 plain-norm: the LayerNorm backward as the compiler writes it (fused_norm=false; the default runs quack's, with
     the residual stream's gradient added in, where the [gpu] extra is installed).
 Levers of PyTorch's own settings:
@@ -66,7 +67,7 @@ SETTINGS = {  # levers of our own code: training-config overrides
     "save-gelu": ["recompute_gelu=false"], "model-compile": ["compile_scope=model"],
     "checkpointing": ["activation_checkpointing=true"], "fp32-residual": ["bf16_residual=false"],
     "eager": ["cuda_graph=false"], "plain-mlp": ["fused_mlp=false"],
-    "plain-norm": ["fused_norm=false"], "fused-residual": ["fused_residual=true"],
+    "plain-norm": ["fused_norm=false"], "add-after-mlp": ["fused_residual=false"],
 }
 
 

@@ -111,7 +111,7 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, config: GPTConfig, layer: int, fused_attention: bool = True, recompute_gelu: bool = True,
-                 fused_mlp: bool = True, fused_norm: bool = True, fused_residual: bool = False):
+                 fused_mlp: bool = True, fused_norm: bool = True, fused_residual: bool = True):
         super().__init__()
         self.fused_residual = fused_residual  # hand the stream to the MLP, whose last matmul may add it (fused_mlp.py)
         self.fused_norm = fused_norm  # allow quack's LayerNorm backward where it applies (fused_norm.py)
@@ -153,7 +153,7 @@ def _final_loss(model: "GPT", x: torch.Tensor, targets: torch.Tensor) -> torch.T
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, *, attention: str = "auto", loss_chunk_rows: int = CHUNK_ROWS,
                  recompute_gelu: bool = True, activation_checkpointing: bool = False, bf16_residual: bool = False,
-                 fused_mlp: bool = True, fused_norm: bool = True, fused_residual: bool = False):
+                 fused_mlp: bool = True, fused_norm: bool = True, fused_residual: bool = True):
         super().__init__()
         if attention not in ATTENTION_KINDS:
             raise UserError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
